@@ -1,0 +1,124 @@
+"""Load a `TrainConfig` from YAML plus dotted `key=value` overrides, with one-line errors."""
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from configs.schema import TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message is one line for the user."""
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    message = error["msg"].removeprefix("Value error, ")
+    allowed = (error.get("ctx") or {}).get("expected")
+    got = error.get("input")
+    if allowed:
+        return f"bad value {got!r} for '{key}': expected {allowed}"
+    if error["type"] == "value_error":
+        return message
+    return f"bad value {got!r} for '{key}': {message}"
+
+
+def validate(data: dict[str, Any]) -> TrainConfig:
+    """Validate a nested dict into a TrainConfig or raise a one-line ConfigError."""
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError("; ".join(_describe(e) for e in err.errors())) from None
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _known_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=3e-4` -> (['optim', 'lr'], 3e-4); values are parsed as YAML scalars or lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    path = key.strip().split(".")
+    if key.strip() not in _known_keys(TrainConfig) and path[:2] != ["deepspeed", "extra"]:
+        sections = sorted({k.split(".")[0] for k in _known_keys(TrainConfig)})
+        close = [k for k in _known_keys(TrainConfig) if k.split(".")[-1] == path[-1]]
+        hint = f" (did you mean {', '.join(close)}?)" if close else f" (sections: {', '.join(sections)})"
+        raise ConfigError(f"unknown config key '{key}'{hint}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _set(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{part}' is a value, not a section")
+        tree = node
+    tree[path[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with one-line errors for missing or broken files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist (see configs/ for presets)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """The default config (or `path`), with `section.key=value` overrides applied in order."""
+    data = read_yaml(path if path is not None else DEFAULT_CONFIG)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(data, key, value)
+    return validate(data)
+
+
+def to_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML that `load_config` reads back to an equal config."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def key_table() -> str:
+    """The README's table of every config key, generated from the schema so it cannot go stale."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], instance: BaseModel, prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            value = getattr(instance, name)
+            if isinstance(value, BaseModel):
+                walk(type(value), value, f"{prefix}{name}.")
+                continue
+            default = "`" + yaml.safe_dump(value, default_flow_style=True).strip()
+            default = default.removesuffix("...").strip() + "`"
+            rows.append(f"| `{prefix}{name}` | {default} | {field.description or ''} |")
+
+    walk(TrainConfig, TrainConfig(), "")
+    return "\n".join(rows)

@@ -1,0 +1,57 @@
+"""The whole run's config: one typed section per package, composed into `TrainConfig`."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from checkpoint.config import CheckpointConfig
+from configs.base import Section
+from data.config import DataConfig
+from model.config import ModelConfig
+from monitor.config import DivergenceConfig, TelemetryConfig, WandbConfig
+from optim.config import DeepSpeedConfig, OptimConfig
+
+
+class RunConfig(Section):
+    name: str = Field("default", min_length=1, description="run directory name under out_dir")
+    out_dir: str = Field("runs", description="parent directory of run directories")
+    seed: int = Field(1337, description="seeds init, data order and dropout")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when available, else cpu"
+    )
+
+
+class TrainLoopConfig(Section):
+    max_steps: int = Field(300, ge=1, description="optimizer steps in the run")
+    micro_batch_size: int = Field(16, ge=1, description="sequences per rank per micro-step")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    log_interval: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
+    eval_interval: int = Field(100, ge=0, description="steps between validation; 0 only at the end")
+    compile: bool = Field(False, description="torch.compile the model (GPU)")
+
+
+class TrainConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    precision: Literal["bf16", "fp32"] = Field(
+        "fp32", description="bf16: bf16 compute, fp32 master weights and Adam state"
+    )
+    tf32: bool = Field(False, description="TF32 matmuls in fp32 (GPU only)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError(
+                "precision=bf16 needs zero_stage >= 1: DeepSpeed's bf16 ZeRO-0 optimizer steps "
+                "differently from ZeRO 1-3 (use zero_stage=1; on one rank it costs the same)"
+            )
+        return self

@@ -1,0 +1,16 @@
+"""Where the tokens come from."""
+
+from pydantic import Field
+
+from configs.base import Section
+
+
+class DataConfig(Section):
+    dataset: str = Field(
+        "builtin",
+        description="'builtin' (zero-download corpus), 'openwebtext', or a prepared directory",
+    )
+    data_dir: str = Field(
+        "data/cache", description="where 'builtin' and 'openwebtext' are prepared and looked up"
+    )
+    eval_batches: int = Field(8, ge=1, description="fixed validation micro-batches per evaluation")

@@ -1,0 +1,48 @@
+"""Knobs of the divergence detectors, the policy, the telemetry and wandb."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from configs.base import Section
+
+
+class DivergenceConfig(Section):
+    policy: Literal["record", "skip", "rollback", "stop"] = Field(
+        "record", description="what a detection does; recording always happens"
+    )
+    window: int = Field(128, ge=8, description="rolling window of the spike detectors, in steps")
+    spike_sigma: float = Field(6.0, gt=0.0, description="robust z-score that counts as a spike")
+    std_floor: float = Field(0.05, ge=0.0, description="floor on the window's robust std (loss)")
+    grad_spike_sigma: float = Field(6.0, gt=0.0, description="robust z-score of a grad-norm spike")
+    drift_margin: float = Field(
+        0.5, gt=0.0, description="smoothed loss above its running minimum by this much: drift"
+    )
+    drift_steps: int = Field(
+        50, ge=1, description="steps the smoothed loss must rise in a row to count as drift"
+    )
+    drift_ema: float = Field(0.98, gt=0.0, lt=1.0, description="EMA factor of the smoothed loss")
+    attn_logit_max: float = Field(1000.0, gt=0.0, description="max |q.k/sqrt(d)| threshold")
+    attn_logit_growth: float = Field(
+        10.0, gt=1.0, description="growth factor of max attention logit between two readings"
+    )
+    output_log_z_max: float = Field(50.0, gt=0.0, description="|mean log Z| threshold")
+    evidence_steps: int = Field(32, ge=1, description="steps of telemetry kept in each event")
+    rollback_skip_batches: int = Field(200, ge=0, description="batches skipped after a rollback")
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks before the run stops")
+
+
+class TelemetryConfig(Section):
+    interval: int = Field(
+        0, ge=0, description="steps between logit telemetry forwards; 0 means every log step"
+    )
+    enabled: bool = Field(True, description="attention-logit and log Z telemetry on log steps")
+
+
+class WandbConfig(Section):
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="offline needs no account; sync later with `wandb sync`"
+    )
+    project: str = Field("weight-decay-harness", description="wandb project")
+    group: str | None = Field(None, description="wandb group (sweeps set it)")
+    tags: list[str] = Field(default_factory=list, description="extra wandb tags")

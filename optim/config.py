@@ -1,0 +1,38 @@
+"""Optimizer, learning-rate schedule and the DeepSpeed pass-through."""
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from configs.base import Section
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "adam_l2"] = Field(
+        "adamw", description="adamw: decoupled decay p*=1-lr*wd; adam_l2: g+=wd*p before Adam"
+    )
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
+    min_lr: float = Field(1e-4, ge=0.0, description="learning rate at the end of the cosine")
+    warmup_steps: int = Field(20, ge=0, description="linear warmup from 0 to lr, in steps")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="after warmup: cosine to min_lr, or constant at lr"
+    )
+    weight_decay: float = Field(0.1, ge=0.0, description="λ on matrices and embeddings only")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam (beta1, beta2)")
+    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon")
+    grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables clipping")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr ({self.min_lr}) must not exceed optim.lr ({self.lr})")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+class DeepSpeedConfig(Section):
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra DeepSpeed config keys; one that contradicts ours is an error",
+    )

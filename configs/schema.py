@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from checkpoint.config import CheckpointConfig
 from configs.base import Section
@@ -37,7 +37,7 @@ class TrainConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     precision: Literal["bf16", "fp32"] = Field(
-        "fp32", description="bf16: bf16 compute, fp32 master weights and Adam state"
+        "fp32", description="bf16: autocast bf16 compute, fp32 weights and Adam state"
     )
     tf32: bool = Field(False, description="TF32 matmuls in fp32 (GPU only)")
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
@@ -46,12 +46,3 @@ class TrainConfig(Section):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
-
-    @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        if self.precision == "bf16" and self.zero_stage == 0:
-            raise ValueError(
-                "precision=bf16 needs zero_stage >= 1: DeepSpeed's bf16 ZeRO-0 optimizer steps "
-                "differently from ZeRO 1-3 (use zero_stage=1; on one rank it costs the same)"
-            )
-        return self

@@ -1,0 +1,78 @@
+"""The divergence watch: detectors plus policy, fed by the update gate every step.
+
+The gate hands over each step's loss and pre-clip grad norm before the update is applied; the
+watch records detections as events (with the evidence window) and answers whether the update
+may go ahead. Actions that need the loop (rollback, stop) are left in `pending` for it.
+"""
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from monitor.config import DivergenceConfig
+from monitor.detectors import Detection, DivergenceDetectors, EvidenceBuffer
+from monitor.policy import Action, DivergencePolicy
+
+
+class DivergenceWatch:
+    """Runs the detectors on every step and applies the configured policy."""
+
+    def __init__(self, cfg: DivergenceConfig, emit: Callable[[dict[str, Any]], None]):
+        self.detectors = DivergenceDetectors.from_config(cfg)
+        self.policy = DivergencePolicy.from_config(cfg)
+        self.evidence = EvidenceBuffer(cfg.evidence_steps)
+        self.emit = emit
+        self.pending: Action = Action.RECORD
+        self.first_detection_step: int | None = None
+        self.count = 0
+        self.last_detections: list[Detection] = []
+
+    def veto(self, step: int, loss: float, grad_norm: float) -> bool:
+        """The gate's question: withhold the update of `step`? (Non-finite is withheld anyway.)"""
+        self.evidence.append(step, {"loss": loss, "grad_norm": grad_norm})
+        return self._act(self.detectors.update(step, loss, grad_norm)) != Action.RECORD
+
+    def observe_telemetry(self, step: int, line: dict[str, Any]) -> None:
+        """Log-step readings (attention logits, log Z); acted on after the update."""
+        self.evidence.append(step, line)
+        detections = self.detectors.update_telemetry(
+            step, line.get("attn_logit_max/layers"), line.get("log_z")
+        )
+        action = self._act(detections)
+        if action in (Action.ROLLBACK, Action.STOP):
+            self.pending = action
+
+    def _act(self, detections: list[Detection]) -> Action:
+        self.last_detections = detections
+        if not detections:
+            return Action.RECORD
+        self.count += len(detections)
+        if self.first_detection_step is None:
+            self.first_detection_step = detections[0].step
+        evidence = self.evidence.snapshot()
+        for detection in detections:
+            self.emit({**detection.to_event(), "time": time.time(), "evidence": evidence})
+        action = self.policy.decide(detections)
+        if action in (Action.ROLLBACK, Action.STOP):
+            self.pending = action
+        return action
+
+    def take_pending(self) -> Action:
+        action, self.pending = self.pending, Action.RECORD
+        return action
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "detectors": self.detectors.state_dict(),
+            "policy": self.policy.state_dict(),
+            "evidence": self.evidence.state_dict(),
+            "count": self.count,
+            "first_detection_step": self.first_detection_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detectors.load_state_dict(state["detectors"])
+        self.policy.load_state_dict(state["policy"])
+        self.evidence.load_state_dict(state["evidence"])
+        self.count = state["count"]
+        self.first_detection_step = state["first_detection_step"]

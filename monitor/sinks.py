@@ -1,0 +1,170 @@
+"""Where metrics and events go: the run directory's files (the record), wandb and the terminal.
+
+Only rank 0 writes. The files are the source of truth; wandb mirrors them and may be off.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from monitor.config import WandbConfig
+
+# metrics.jsonl keys -> wandb names, namespaced and with units where they have one.
+WANDB_NAMES = {
+    "loss": "train/loss",
+    "val_loss": "val/loss",
+    "lr": "optim/lr",
+    "grad_norm": "optim/grad_norm",
+    "grad_norm_clipped": "optim/grad_norm_clipped",
+    "clip_frac": "optim/clip_frac",
+    "param_norm": "optim/param_norm",
+    "tok_per_s": "perf/tokens_per_s",
+    "mfu": "perf/mfu",
+    "step_time_ms": "perf/step_time_ms",
+    "peak_mem_mb": "perf/peak_mem_mb",
+    "tokens": "train/tokens",
+    "skipped_steps": "train/skipped_steps",
+}
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities as the strings 'nan', 'inf', '-inf' so every line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Replace `path` in one rename, so a reader or a crash never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(json_safe(data), indent=2) + "\n")
+    os.replace(partial, path)
+
+
+class RunFiles:
+    """Appends to metrics.jsonl and events.jsonl and keeps summary.json current."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._events = open(run_dir / "events.jsonl", "a", buffering=1)
+
+    def metrics(self, line: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(json_safe(line)) + "\n")
+
+    def event(self, event: dict[str, Any]) -> None:
+        self._events.write(json.dumps(json_safe(event)) + "\n")
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.run_dir / "summary.json", summary)
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._events.close()
+
+
+class WandbSink:
+    """Mirrors metrics, events (as alerts) and the summary into one wandb run per run directory.
+
+    The run id is derived from the run directory, so a resumed or requeued job continues the
+    same wandb run instead of starting a new one.
+    """
+
+    def __init__(self, cfg: WandbConfig, run_dir: Path, name: str, config: dict, tags: list[str]):
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=cfg.project,
+            group=cfg.group,
+            name=name,
+            id=wandb_run_id(run_dir),
+            resume="allow",
+            dir=str(run_dir),
+            mode=cfg.mode,
+            config=config,
+            tags=tags + cfg.tags,
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+
+    def metrics(self, line: dict[str, Any]) -> None:
+        step = line["step"]
+        payload = {WANDB_NAMES.get(k, f"telemetry/{k}"): v for k, v in line.items()}
+        payload.pop("step", None)
+        self.run.log(json_safe(payload), step=step)
+
+    def event(self, event: dict[str, Any]) -> None:
+        if "metric" in event:
+            self.run.summary[f"events/{event['kind']}"] = event["step"]
+            try:
+                self.run.alert(
+                    title=f"{event['kind']} at step {event['step']}",
+                    text=f"{event['metric']}={event['value']} (threshold {event['threshold']})",
+                    level=self._wandb.AlertLevel.WARN,
+                )
+            except Exception:  # alerts need an online run; offline runs keep the summary field
+                pass
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        for key, value in summary.items():
+            self.run.summary[key] = json_safe(value)
+
+    def close(self) -> None:
+        self.run.finish(quiet=True)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """A stable wandb id for a run directory (same directory, same wandb run)."""
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+class Progress:
+    """A progress bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total = total_steps
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.last_step = start_step
+        self.start = time.time()
+
+    def update(self, line: dict[str, Any]) -> None:
+        step = line["step"]
+        if self.bar is not None:
+            self.bar.update(step - self.last_step)
+            self.bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tok_per_s']:.0f}")
+        else:
+            extra = f" val {line['val_loss']:.4f}" if "val_loss" in line else ""
+            print(
+                f"step {step}/{self.total} loss {line['loss']:.4f}{extra} "
+                f"lr {line['lr']:.2e} grad_norm {line['grad_norm']:.3f} "
+                f"{line['tok_per_s']:.0f} tok/s",
+                flush=True,
+            )
+        self.last_step = step
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,180 @@
+"""The DeepSpeed engine: its config generated from ours, and an update gate every ZeRO stage obeys.
+
+Why a gate: in fp32 DeepSpeed applies whatever gradient it is given, and in every precision the
+decision to withhold an update (non-finite loss or grad norm, or a policy veto after a spike)
+must be taken before the optimizer touches the weights and identically on every rank. ZeRO 1-3
+call the wrapped optimizer's `step` once per parameter group after computing the global grad
+norm; ZeRO 0 calls it once. The gate sits in that `step`, decides once per optimizer step from
+the all-reduced loss and the global pre-clip grad norm, and either runs the real step or not.
+Reading those two numbers is the one host sync per step that the harness makes.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from configs import ConfigError
+from configs.schema import TrainConfig
+
+# Decides whether the update of `step` is applied, given its loss and pre-clip grad norm.
+Veto = Callable[[int, float, float], bool]
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The complete DeepSpeed config; nothing is left to DeepSpeed's silent defaults."""
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    config: dict[str, Any] = {
+        "train_batch_size": micro * accum * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        # ZeRO 0 hands the optimizer already-clipped grads without reporting the norm, so there
+        # the gate clips; ZeRO 1-3 report the pre-clip norm and clip themselves.
+        "gradient_clipping": cfg.optim.grad_clip if cfg.zero_stage > 0 else 0.0,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+        # The paper's bf16: fp32 weights and Adam state, bf16 autocast compute, fp32 gradient
+        # reduction (no module communicates in bf16).
+        "torch_autocast": {
+            "enabled": cfg.precision == "bf16",
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
+        },
+        "prescale_gradients": False,
+        "gradient_predivide_factor": 1.0,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    _merge_extra(config, cfg.deepspeed.extra, "deepspeed.extra")
+    return config
+
+
+def _merge_extra(config: dict[str, Any], extra: dict[str, Any], where: str) -> None:
+    for key, value in extra.items():
+        if key in config and isinstance(config[key], dict) and isinstance(value, dict):
+            _merge_extra(config[key], value, f"{where}.{key}")
+        elif key in config and config[key] != value:
+            raise ConfigError(
+                f"{where}.{key}={value!r} contradicts the harness's {config[key]!r}; "
+                "set it through the harness's own config key instead"
+            )
+        else:
+            config[key] = value
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device):
+    """AdamW (decoupled) or Adam+L2 (coupled), gated; DeepSpeed's FusedAdam on GPU.
+
+    On the CPU, torch's own Adam/AdamW: no kernel build, and bitwise what torch users get.
+    """
+    o = cfg.optim
+    decoupled = o.name == "adamw"
+    kwargs = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    if device.type == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        base, kwargs = FusedAdam, {**kwargs, "adam_w_mode": decoupled}
+    else:
+        base = torch.optim.AdamW if decoupled else torch.optim.Adam
+        kwargs["foreach"] = True
+    gated_cls = type(f"Gated{base.__name__}", (_GatedStep, base), {})
+    return gated_cls(groups, **kwargs)
+
+
+class _GatedStep:
+    """Mixin that routes the optimizer's `step` through an `UpdateGate`."""
+
+    gate: "UpdateGate | None" = None
+
+    def step(self, closure=None):  # noqa: D102 - torch.optim signature
+        if self.gate is None or self.gate.allows():
+            return super().step(closure)
+        return None
+
+
+@dataclass
+class StepScalars:
+    """What the gate saw for one optimizer step."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    applied: bool
+    clipped: bool
+
+
+class UpdateGate:
+    """Decides once per optimizer step, identically on every rank, whether the update happens."""
+
+    def __init__(self, engine, optimizer, cfg: TrainConfig, veto: Veto | None = None):
+        self.engine = engine
+        self.optimizer = optimizer
+        self.zero_stage = cfg.zero_stage
+        self.grad_clip = cfg.optim.grad_clip
+        self.veto = veto
+        self._step = -1
+        self._loss: torch.Tensor | None = None
+        self.last: StepScalars | None = None
+        optimizer.gate = self
+
+    def begin(self, step: int, loss: torch.Tensor) -> None:
+        """Arm the gate for `step` with the step's mean loss, all-reduced across ranks."""
+        loss = loss.detach().float().reshape(1)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        self._step, self._loss, self.last = step, loss[0], None
+
+    def allows(self) -> bool:
+        """Called inside the optimizer's step (per group on ZeRO 1-3): decide once, then reuse."""
+        if self.last is None or self.last.step != self._step:
+            self.last = self._decide()
+        return self.last.applied
+
+    def finish(self) -> StepScalars:
+        """After `engine.step()`: the step's scalars, also when DeepSpeed skipped the optimizer."""
+        if self.last is None or self.last.step != self._step:
+            scalars = self._decide()
+            self.last = StepScalars(scalars.step, scalars.loss, scalars.grad_norm, False, False)
+        elif not self.engine.was_step_applied():
+            self.last.applied = False
+        return self.last
+
+    def _decide(self) -> StepScalars:
+        norm = self._grad_norm()
+        values = torch.stack([self._loss, norm.to(self._loss.device)]).tolist()  # host sync
+        loss, grad_norm = values
+        if grad_norm < 0:  # DeepSpeed reports a non-finite norm as -1
+            grad_norm = math.nan
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        applied = finite and not (self.veto is not None and self.veto(self._step, loss, grad_norm))
+        clipped = finite and self.grad_clip > 0 and grad_norm > self.grad_clip
+        if applied and self.zero_stage == 0 and clipped:
+            scale = self.grad_clip / (grad_norm + 1e-6)
+            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
+            torch._foreach_mul_([g for g in grads if g is not None], scale)
+        return StepScalars(self._step, loss, grad_norm, applied, clipped)
+
+    def _grad_norm(self) -> torch.Tensor:
+        if self.zero_stage > 0:
+            norm = getattr(self.engine.optimizer, "_global_grad_norm", None)
+            if norm is None:
+                return torch.tensor(math.nan)
+            return norm.float() if torch.is_tensor(norm) else torch.tensor(float(norm))
+        # ZeRO 0: every rank holds the full, already averaged gradient.
+        grads = [
+            p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
+        ]
+        if not grads:
+            return torch.tensor(0.0)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set the learning rate of every group (the schedule is a pure function of the step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

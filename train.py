@@ -25,12 +25,11 @@ from data.loader import BatchLoader, resolve_dataset, validation_batches
 from launch.distributed import init_distributed
 from model import GPT
 from monitor.divergence import DivergenceWatch
-from monitor.perf import mfu, peak_flops
+from monitor.perf import Throughput
 from monitor.policy import Action
 from monitor.run_record import RunRecord
 from monitor.telemetry import Telemetry
-from optim.engine import UpdateGate, build_optimizer, deepspeed_config, set_lr
-from optim.groups import param_groups
+from optim.engine import UpdateGate, initialize, set_lr
 from optim.schedule import lr_at
 
 
@@ -39,8 +38,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # -----------------------------------------------------------------------------------------
     # distributed init, run directory, the checkpoint to resume from
     env = init_distributed(cfg.run.device)
-    import deepspeed  # after init_distributed has chosen DeepSpeed's accelerator
-
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = Checkpointer(run_dir, cfg.checkpoint, env.rank, env.world_size)
     resume_path = select_resume(ckpt, cfg)
@@ -53,10 +50,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)
     model = GPT(cfg.model)
     flops_per_token = model.flops_per_token()
-    optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg, env.device)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, env.world_size)
-    )
+    engine, optimizer = initialize(model, cfg, env.world_size, env.device)
     if cfg.train.compile:
         engine.compile()
 
@@ -65,6 +59,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     data_dir = resolve_dataset(cfg.data)
     loader = BatchLoader(
         data_dir / "train.bin",
+        vocab_size=cfg.model.vocab_size,
+        device=env.device,
         block_size=cfg.model.block_size,
         micro_batch_size=cfg.train.micro_batch_size,
         grad_accum_steps=cfg.train.grad_accum_steps,
@@ -74,6 +70,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     )
     val_batches = validation_batches(
         data_dir / "val.bin",
+        vocab_size=cfg.model.vocab_size,
+        device=env.device,
         block_size=cfg.model.block_size,
         micro_batch_size=cfg.train.micro_batch_size,
         num_batches=cfg.data.eval_batches,
@@ -92,7 +90,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # monitors and resume
     watch = DivergenceWatch(cfg.divergence, emit=record.event)
     gate = UpdateGate(engine, optimizer, cfg, veto=watch.veto)
-    telemetry = Telemetry(engine.module, cfg.optim.grad_clip)
+    telemetry = Telemetry(engine.module, cfg.optim.grad_clip, logits=cfg.telemetry.enabled)
     preemption = PreemptionFlag().install()
     step, tokens = 0, 0
 
@@ -103,108 +101,100 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             tokens=tokens,
             loader=loader.state_dict(),
             monitor=watch.state_dict(),
-            optimizer={"name": o.name, "decoupled": o.name == "adamw", "weight_decay": o.weight_decay},
+            optimizer={
+                "name": o.name,
+                "decoupled": o.name == "adamw",
+                "weight_decay": o.weight_decay,
+            },
             config=cfg.model_dump(mode="json"),
             world_size=env.world_size,
             zero_stage=cfg.zero_stage,
         )
 
-    def restore(path: Path) -> None:
+    def restore(path: Path, rollback: bool = False) -> None:
         nonlocal step, tokens
         state = ckpt.load(engine, path)
         step, tokens = state["step"], state["tokens"]
         loader.load_state_dict(state["loader"])
-        watch.load_state_dict(state["monitor"])
+        watch.load_state_dict(state["monitor"], keep_counts=rollback)
 
     if resume_path is not None:
         check_compatible(read_harness(resume_path), cfg, env.world_size, resume_path)
         restore(resume_path)
-        record.event({"step": step, "kind": "resume", "time": time.time(), "path": str(resume_path)})
+        record.event(
+            {"step": step, "kind": "resume", "time": time.time(), "path": str(resume_path)}
+        )
     else:
         ckpt.save(engine, harness_state())  # the first "last good" checkpoint
 
     # -----------------------------------------------------------------------------------------
     # the training loop: one iteration is one optimizer update over the global batch
-    peak = peak_flops(env.device)
+    meter = Throughput(tokens_per_step, flops_per_token, env)
     status = "completed"
-    step_start = time.time()
     while step < cfg.train.max_steps:
         if preemption.requested:
             ckpt.save(engine, harness_state())
-            record.event({"step": step, "kind": "preempt", "time": time.time(),
-                          "signal": preemption.signal_name})
+            record.event(event(step, "preempt", signal=preemption.signal_name))
             status = "preempted"
             break
         lr = lr_at(step, cfg.optim, cfg.train.max_steps)
         set_lr(engine.optimizer, lr)
         log_step = (step + 1) % cfg.train.log_interval == 0 or step + 1 == cfg.train.max_steps
-        batches = loader.next_step()
-        loss_sum = torch.zeros((), device=env.device)
-        for micro_step, (x, y) in enumerate(batches):
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            want_telemetry = log_step and micro_step == 0 and cfg.telemetry.enabled
-            output = engine(x, y, telemetry=want_telemetry)
-            if micro_step == 0:
-                first_output = output
-            engine.backward(output.loss)
-            loss_sum += output.loss.detach()
-            if micro_step == len(batches) - 1:
-                gate.begin(step, loss_sum / len(batches))
-                if log_step:
-                    telemetry.snapshot()
-            engine.step()
-        scalars = gate.finish()
-        telemetry.count(scalars.applied, scalars.clipped)
+        scalars, output = train_step(
+            engine, gate, telemetry, loader.next_step(), step + 1, log_step
+        )
+        step, tokens = step + 1, tokens + tokens_per_step
         if not scalars.applied:
-            record.event({"step": step, "kind": "skip", "time": time.time(),
-                          "loss": scalars.loss, "grad_norm": scalars.grad_norm})
-        step += 1
-        tokens += tokens_per_step
-
+            record.event(event(step, "skip", loss=scalars.loss, grad_norm=scalars.grad_norm))
         if log_step:
-            now = time.time()
-            line = {"step": step, "tokens": tokens, "loss": scalars.loss, "lr": lr,
-                    "grad_norm": scalars.grad_norm}
-            line.update(telemetry.read(lr, scalars.grad_norm, first_output if cfg.telemetry.enabled else None))
-            elapsed = now - step_start
-            steps_done = cfg.train.log_interval if step % cfg.train.log_interval == 0 else step % cfg.train.log_interval
-            line["step_time_ms"] = 1000 * elapsed / steps_done
-            line["tok_per_s"] = tokens_per_step * steps_done / elapsed
-            line["mfu"] = mfu(flops_per_token, line["tok_per_s"] / env.world_size, peak)
-            if env.device.type == "cuda":
-                line["peak_mem_mb"] = torch.cuda.max_memory_allocated(env.device) / 2**20
-            line["time"] = now
+            line = {
+                "step": step,
+                "tokens": tokens,
+                "loss": scalars.loss,
+                "lr": lr,
+                "grad_norm": scalars.grad_norm,
+            }
+            line.update(telemetry.read(lr, scalars.grad_norm, output))
+            line.update(meter.read(step))
             watch.observe_telemetry(step, line)
             record.metrics(line)
-            step_start = time.time()
-
-        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps:
-            record.metrics({"step": step, "tokens": tokens, "val_loss": evaluate(engine, val_batches, env.device), "time": time.time()})
+        if (
+            cfg.train.eval_interval and step % cfg.train.eval_interval == 0
+        ) or step == cfg.train.max_steps:
+            val_loss = evaluate(engine, val_batches, env.device)
+            record.metrics(
+                {"step": step, "tokens": tokens, "val_loss": val_loss, "time": time.time()}
+            )
 
         action = watch.take_pending()
+        if watch.first_detection_step is not None:  # keep the evidence from before the anomaly
+            good = ckpt.before(watch.first_detection_step)
+            if good is not None:
+                ckpt.pin(
+                    good, f"last good before the detection at step {watch.first_detection_step}"
+                )
         if action == Action.STOP:
             ckpt.save(engine, harness_state())
-            record.event({"step": step, "kind": "stop", "time": time.time()})
+            record.event(event(step, "stop"))
             status = "diverged"
             break
         if action == Action.ROLLBACK:
-            anomaly_step = watch.first_detection_step
-            good = ckpt.before(anomaly_step if anomaly_step is not None else step)
-            if good is None:
-                raise CheckpointError("no checkpoint from before the anomaly to roll back to")
-            ckpt.pin(good, f"last good before detection at step {anomaly_step}")
-            restore(good)
+            good = ckpt.before(watch.last_detection_step)
+            restore(good, rollback=True)
             loader.skip(cfg.divergence.rollback_skip_batches)
-            record.event({"step": step, "kind": "rollback", "time": time.time(),
-                          "path": str(good), "skipped_batches": cfg.divergence.rollback_skip_batches})
+            record.event(
+                event(
+                    step,
+                    "rollback",
+                    path=str(good),
+                    to_step=step,
+                    skipped_batches=cfg.divergence.rollback_skip_batches,
+                )
+            )
             continue
-        if watch.first_detection_step is not None:
-            good = ckpt.before(watch.first_detection_step)
-            if good is not None:
-                ckpt.pin(good, f"last good before detection at step {watch.first_detection_step}")
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             path = ckpt.save(engine, harness_state())
-            record.event({"step": step, "kind": "checkpoint", "time": time.time(), "path": str(path)})
+            record.event(event(step, "checkpoint", path=str(path)))
         record.summary(status="running", steps=step, watch=watch)
 
     preemption.uninstall()
@@ -213,13 +203,42 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def event(step: int, kind: str, **fields: Any) -> dict[str, Any]:
+    return {"step": step, "kind": kind, "time": time.time(), **fields}
+
+
+def train_step(engine, gate: UpdateGate, telemetry: Telemetry, batches, step: int, log_step: bool):
+    """Forward and backward over the micro-batches, then one (gated) optimizer update.
+
+    DeepSpeed wants `engine.step()` after every micro-batch and updates at the last one; the gate
+    is armed with the step's mean loss just before that last call.
+    """
+    loss_sum, first_output = None, None
+    for micro_step, (x, y) in enumerate(batches):
+        output = engine(x, y, telemetry=log_step and telemetry.logits and micro_step == 0)
+        first_output = first_output or output
+        engine.backward(output.loss)
+        loss = output.loss.detach()
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        if micro_step == len(batches) - 1:
+            gate.begin(step, loss_sum / len(batches))
+            if log_step:
+                telemetry.snapshot()
+        engine.step()
+    scalars = gate.finish()
+    telemetry.count(scalars.applied, scalars.clipped)
+    return scalars, first_output
+
+
 @torch.no_grad()
-def evaluate(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+def evaluate(
+    engine, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> float:
     """Mean validation loss over the fixed batches of every rank."""
     engine.module.eval()
     total = torch.zeros((), device=device)
     for x, y in batches:
-        total += engine(x.to(device), y.to(device)).loss.float()
+        total += engine(x, y).loss.float()
     engine.module.train()
     total /= len(batches)
     if torch.distributed.is_initialized():

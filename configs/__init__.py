@@ -1,12 +1,13 @@
 """Load a `TrainConfig` from YAML plus dotted `key=value` overrides, with one-line errors."""
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from configs.schema import TrainConfig
+if TYPE_CHECKING:
+    from configs.schema import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -30,8 +31,10 @@ def _describe(error: dict[str, Any]) -> str:
     return f"bad value {got!r} for '{key}': {message}"
 
 
-def validate(data: dict[str, Any]) -> TrainConfig:
+def validate(data: dict[str, Any]) -> "TrainConfig":
     """Validate a nested dict into a TrainConfig or raise a one-line ConfigError."""
+    from configs.schema import TrainConfig
+
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as err:
@@ -51,6 +54,8 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`optim.lr=3e-4` -> (['optim', 'lr'], 3e-4); values are parsed as YAML scalars or lists."""
+    from configs.schema import TrainConfig
+
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{text}' must look like section.key=value")
@@ -92,7 +97,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> "TrainConfig":
     """The default config (or `path`), with `section.key=value` overrides applied in order."""
     data = read_yaml(path if path is not None else DEFAULT_CONFIG)
     for text in overrides:
@@ -101,13 +106,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     return validate(data)
 
 
-def to_yaml(config: TrainConfig) -> str:
+def to_yaml(config: "TrainConfig") -> str:
     """The resolved config as YAML that `load_config` reads back to an equal config."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 def key_table() -> str:
     """The README's table of every config key, generated from the schema so it cannot go stale."""
+    from configs.schema import TrainConfig
+
     rows = ["| key | default | meaning |", "|---|---|---|"]
 
     def walk(model: type[BaseModel], instance: BaseModel, prefix: str) -> None:

@@ -24,6 +24,7 @@ class DivergenceWatch:
         self.emit = emit
         self.pending: Action = Action.RECORD
         self.first_detection_step: int | None = None
+        self.last_detection_step: int | None = None
         self.count = 0
         self.last_detections: list[Detection] = []
 
@@ -49,6 +50,7 @@ class DivergenceWatch:
         self.count += len(detections)
         if self.first_detection_step is None:
             self.first_detection_step = detections[0].step
+        self.last_detection_step = detections[0].step
         evidence = self.evidence.snapshot()
         for detection in detections:
             self.emit({**detection.to_event(), "time": time.time(), "evidence": evidence})
@@ -70,9 +72,13 @@ class DivergenceWatch:
             "first_detection_step": self.first_detection_step,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], keep_counts: bool = False) -> None:
+        """Restore the detectors' windows; after a rollback (`keep_counts`) the policy's rollback
+        count and the detection counters stay live, so `max_rollbacks` is reached."""
         self.detectors.load_state_dict(state["detectors"])
-        self.policy.load_state_dict(state["policy"])
         self.evidence.load_state_dict(state["evidence"])
+        if keep_counts:
+            return
+        self.policy.load_state_dict(state["policy"])
         self.count = state["count"]
         self.first_detection_step = state["first_detection_step"]

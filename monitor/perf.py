@@ -1,5 +1,7 @@
 """Throughput figures: tokens per second and model FLOPs utilisation against the GPU's peak."""
 
+import time
+
 import torch
 
 # Dense bf16 peak FLOP/s by device-name fragment (tensor cores, no sparsity).
@@ -30,3 +32,32 @@ def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | No
     if peak is None:
         return None
     return flops_per_token * tokens_per_s_per_device / peak
+
+
+class Throughput:
+    """Tokens per second, step time and MFU over the steps since the previous reading."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, env) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.world_size = env.world_size
+        self.device = env.device
+        self.peak = peak_flops(env.device)
+        self.last_time = time.time()
+        self.last_step: int | None = None
+
+    def read(self, step: int) -> dict[str, float | None]:
+        now = time.time()
+        steps = step - self.last_step if self.last_step is not None else 1
+        elapsed = max(now - self.last_time, 1e-9)
+        tok_per_s = self.tokens_per_step * steps / elapsed
+        line = {
+            "tok_per_s": tok_per_s,
+            "step_time_ms": 1000 * elapsed / steps,
+            "mfu": mfu(self.flops_per_token, tok_per_s / self.world_size, self.peak),
+            "time": now,
+        }
+        if self.device.type == "cuda":
+            line["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.last_time, self.last_step = now, step
+        return line

@@ -28,7 +28,7 @@ def versions(world_size: int) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "deepspeed": deepspeed.__version__,
         "git_commit": commit or None,
         "world_size": world_size,

@@ -29,8 +29,9 @@ def _local_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
 class Telemetry:
     """Collects the study's per-group numbers on log steps; costs nothing on other steps."""
 
-    def __init__(self, model: nn.Module, grad_clip: float):
+    def __init__(self, model: nn.Module, grad_clip: float, logits: bool = True):
         self.model = model
+        self.logits = logits
         self.grad_clip = grad_clip
         self.decay_names = set(split_decay(model)[0])
         self._before: dict[str, torch.Tensor] | None = None

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from configs import ConfigError
 from configs.schema import TrainConfig
+from optim.groups import param_groups
 
 # Decides whether the update of `step` is applied, given its loss and pre-clip grad norm.
 Veto = Callable[[int, float, float], bool]
@@ -154,9 +155,7 @@ class UpdateGate:
         applied = finite and not (self.veto is not None and self.veto(self._step, loss, grad_norm))
         clipped = finite and self.grad_clip > 0 and grad_norm > self.grad_clip
         if applied and self.zero_stage == 0 and clipped:
-            scale = self.grad_clip / (grad_norm + 1e-6)
-            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
-            torch._foreach_mul_([g for g in grads if g is not None], scale)
+            torch.nn.utils.clip_grads_with_norm_(self._params(), self.grad_clip, norm)
         return StepScalars(self._step, loss, grad_norm, applied, clipped)
 
     def _grad_norm(self) -> torch.Tensor:
@@ -165,13 +164,26 @@ class UpdateGate:
             if norm is None:
                 return torch.tensor(math.nan)
             return norm.float() if torch.is_tensor(norm) else torch.tensor(float(norm))
-        # ZeRO 0: every rank holds the full, already averaged gradient.
-        grads = [
-            p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
-        ]
-        if not grads:
-            return torch.tensor(0.0)
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        # ZeRO 0: every rank holds the full, already averaged gradient; torch's own norm, so
+        # clipping is bitwise what `clip_grad_norm_` does.
+        return torch.nn.utils.get_total_norm([p.grad for p in self._params()])
+
+    def _params(self) -> list[torch.Tensor]:
+        groups = self.optimizer.param_groups
+        return [p for g in groups for p in g["params"] if p.grad is not None]
+
+
+def initialize(model: torch.nn.Module, cfg: TrainConfig, world_size: int, device: torch.device):
+    """`deepspeed.initialize` on our gated optimizer and generated config: (engine, optimizer)."""
+    import deepspeed
+    from deepspeed.utils import logger
+
+    logger.setLevel("WARNING")
+    optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg, device)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size)
+    )
+    return engine, optimizer
 
 
 def set_lr(optimizer, lr: float) -> None:

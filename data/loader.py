@@ -1,0 +1,303 @@
+"""Token files to batches: the rank-sharded, resumable training loader and fixed eval batches.
+
+A prepared dataset directory holds `train.bin` and `val.bin` (see `data.prepare`). The tokens are
+cut into non-overlapping windows of `block_size + 1` tokens (stride `block_size`, so a window's
+last token is the next one's first); the targets are the inputs shifted by one.
+
+Batch order. Epoch e visits every window once, in the order of a PCG64 permutation seeded by
+(seed, e). Concatenating the epochs gives one endless list of windows; global batch p is
+entries [p*G, (p+1)*G) with G = micro_batch_size * grad_accum_steps * world_size. Rank r takes
+the contiguous r-th 1/world_size of it and cuts that into its micro-batches in order. So the
+sequence of global batches depends only on (data, block_size, seed, G), not on how G is split
+across ranks and accumulation steps, and resuming needs only the position p.
+"""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.builtin import prepare_builtin
+from data.config import DataConfig
+from data.prepare import META_FILE, OPENWEBTEXT, DataError, file_sha256
+from data.tokenizer import VOCAB_SIZE
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def resolve_dataset(cfg: DataConfig) -> Path:
+    """The prepared directory that `data.dataset` names; prepares the built-in corpus if needed."""
+    if cfg.dataset == "builtin":
+        return prepare_builtin(cfg.data_dir)
+    if cfg.dataset == OPENWEBTEXT:
+        path = Path(cfg.data_dir) / OPENWEBTEXT
+        if not (path / META_FILE).is_file():
+            raise DataError(
+                f"openwebtext is not prepared in {path}; run "
+                f"`python -m data.prepare openwebtext --out {path}` first"
+            )
+        return path
+    path = Path(cfg.dataset)
+    if not (path / META_FILE).is_file():
+        raise DataError(
+            f"data.dataset={cfg.dataset!r} is not 'builtin', 'openwebtext' or a prepared "
+            f"directory (no {META_FILE} in it); make one with `python -m data.prepare`"
+        )
+    return path
+
+
+def open_tokens(
+    path: str | Path, *, vocab_size: int = VOCAB_SIZE, verify_sha256: bool = False
+) -> np.ndarray:
+    """Memory-map a uint16 token file after checking it; raises `DataError` on any problem.
+
+    The size is checked against the `meta.json` beside the file (when there is one) on every
+    open; the sha256, which reads the whole file, only with `verify_sha256`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"token file {path} does not exist")
+    num_bytes = path.stat().st_size
+    if num_bytes == 0:
+        raise DataError(f"token file {path} is empty")
+    if num_bytes % 2:
+        raise DataError(f"token file {path} has an odd size ({num_bytes} bytes): corrupt")
+    entry = _meta_entry(path)
+    if entry is not None:
+        if entry["num_tokens"] != num_bytes // 2:
+            raise DataError(
+                f"token file {path} holds {num_bytes // 2} tokens but {META_FILE} says "
+                f"{entry['num_tokens']}: truncated or replaced"
+            )
+        if verify_sha256 and file_sha256(path) != entry["sha256"]:
+            raise DataError(f"token file {path} does not match the sha256 in {META_FILE}")
+    tokens = np.memmap(path, dtype="<u2", mode="r")
+    _check_ids(tokens, vocab_size, str(path))
+    return tokens
+
+
+def _meta_entry(path: Path) -> dict[str, Any] | None:
+    meta_path = path.with_name(META_FILE)
+    if not meta_path.is_file():
+        return None
+    splits = json.loads(meta_path.read_text()).get("splits", {})
+    return next((entry for entry in splits.values() if entry.get("file") == path.name), None)
+
+
+def _check_ids(tokens: np.ndarray, vocab_size: int, name: str) -> None:
+    if len(tokens) and (max_id := int(tokens.max())) >= vocab_size:
+        raise DataError(
+            f"{name} holds token id {max_id} >= vocab_size {vocab_size}: another tokenizer?"
+        )
+
+
+def _load_tokens(source: str | Path | np.ndarray, vocab_size: int, block_size: int) -> np.ndarray:
+    if isinstance(source, np.ndarray):
+        tokens, name = source, "the token array"
+        _check_ids(tokens, vocab_size, name)
+    else:
+        tokens, name = open_tokens(source, vocab_size=vocab_size), str(source)
+    if len(tokens) < block_size + 1:
+        raise DataError(
+            f"{name} has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}"
+        )
+    return tokens
+
+
+def _check_layout(*, rank: int, world_size: int, **counts: int) -> None:
+    for name, value in {"world_size": world_size, **counts}.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+
+
+def _gather(
+    tokens: np.ndarray,
+    window_ids: np.ndarray,
+    block_size: int,
+    device: torch.device | str | None,
+    pin_memory: bool,
+) -> Batch:
+    """The (x, y) pair of int64 (len(window_ids), block_size) tensors for these windows."""
+    index = window_ids[:, None] * block_size + np.arange(block_size + 1)
+    rows = torch.from_numpy(tokens[index].astype(np.int64))
+    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    if pin_memory:
+        x, y = x.pin_memory(), y.pin_memory()
+    if device is not None:
+        x = x.to(device, non_blocking=pin_memory)
+        y = y.to(device, non_blocking=pin_memory)
+    return x, y
+
+
+class BatchLoader:
+    """This rank's micro-batches for each optimizer step, in the seeded order above.
+
+    `source` is a token file (usually `<dataset>/train.bin`) or an in-memory array of ids.
+    Pass `device` to move batches there; `pin_memory=True` makes that copy asynchronous.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | np.ndarray,
+        *,
+        block_size: int,
+        micro_batch_size: int,
+        grad_accum_steps: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        vocab_size: int = VOCAB_SIZE,
+        device: torch.device | str | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        _check_layout(
+            block_size=block_size,
+            micro_batch_size=micro_batch_size,
+            grad_accum_steps=grad_accum_steps,
+            rank=rank,
+            world_size=world_size,
+        )
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self._tokens = _load_tokens(source, vocab_size, block_size)
+        self.block_size = block_size
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum_steps = grad_accum_steps
+        self.seed = seed
+        self.num_windows = (len(self._tokens) - 1) // block_size
+        self.global_batch_size = micro_batch_size * grad_accum_steps * world_size
+        self._rank_offset = rank * micro_batch_size * grad_accum_steps
+        self._device = device
+        self._pin_memory = pin_memory
+        self._position = 0
+        self._permutations: dict[int, np.ndarray] = {}
+
+    @property
+    def position(self) -> int:
+        """Optimizer steps taken: the index of the next global batch."""
+        return self._position
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next global batch starts in."""
+        return self._position * self.global_batch_size // self.num_windows
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:  # a step spans at most a few epochs; keep it small
+                self._permutations.pop(min(self._permutations))
+            generator = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._permutations[epoch] = generator.permutation(self.num_windows)
+        return self._permutations[epoch]
+
+    def _window_ids(self, start: int, count: int) -> np.ndarray:
+        """Entries [start, start + count) of the endless list of windows, epoch after epoch."""
+        parts = []
+        while count > 0:
+            epoch, offset = divmod(start, self.num_windows)
+            part = self._permutation(epoch)[offset : offset + count]
+            parts.append(part)
+            start += len(part)
+            count -= len(part)
+        return np.concatenate(parts)
+
+    def next_step(self) -> list[Batch]:
+        """This rank's `grad_accum_steps` micro-batches (x, y) for the next optimizer step."""
+        per_rank = self.micro_batch_size * self.grad_accum_steps
+        window_ids = self._window_ids(
+            self._position * self.global_batch_size + self._rank_offset, per_rank
+        )
+        self._position += 1
+        return [
+            _gather(
+                self._tokens,
+                window_ids[i : i + self.micro_batch_size],
+                self.block_size,
+                self._device,
+                self._pin_memory,
+            )
+            for i in range(0, per_rank, self.micro_batch_size)
+        ]
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        return self
+
+    def __next__(self) -> list[Batch]:
+        return self.next_step()
+
+    def skip(self, num_steps: int) -> None:
+        """Move past `num_steps` optimizer steps without reading them."""
+        if num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+        self._position += num_steps
+
+    def state_dict(self) -> dict[str, int]:
+        """What a checkpoint needs to continue with exactly the next batch."""
+        return {
+            "position": self._position,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "block_size": self.block_size,
+            "num_windows": self.num_windows,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from `state`; refuses a state made with another batch size, data or seed."""
+        if state["global_batch_size"] != self.global_batch_size:
+            raise DataError(
+                f"the loader state is for a global batch of {state['global_batch_size']} "
+                f"sequences, this run has {self.global_batch_size} (micro_batch_size x "
+                "grad_accum_steps x world_size); keep the global batch to resume"
+            )
+        if (state["block_size"], state["num_windows"]) != (self.block_size, self.num_windows):
+            raise DataError(
+                f"the loader state is for {state['num_windows']} windows of block_size "
+                f"{state['block_size']}, this run has {self.num_windows} of {self.block_size}: "
+                "another dataset or block_size"
+            )
+        if state["seed"] != self.seed:
+            raise DataError(
+                f"the loader state is for seed {state['seed']}, this run has {self.seed}"
+            )
+        self._position = state["position"]
+
+
+def validation_batches(
+    source: str | Path | np.ndarray,
+    *,
+    block_size: int,
+    micro_batch_size: int,
+    num_batches: int,
+    rank: int = 0,
+    world_size: int = 1,
+    vocab_size: int = VOCAB_SIZE,
+    device: torch.device | str | None = None,
+) -> list[Batch]:
+    """The same `num_batches` micro-batches (x, y) for this rank at every evaluation.
+
+    `num_batches` is per rank, so every rank runs the same number of forwards (ZeRO-3 needs
+    that); the global set is `num_batches * world_size` micro-batches of windows spread evenly
+    over the split, rank r taking the r-th contiguous share. A split with fewer windows than
+    that repeats some.
+    """
+    _check_layout(
+        block_size=block_size,
+        micro_batch_size=micro_batch_size,
+        num_batches=num_batches,
+        rank=rank,
+        world_size=world_size,
+    )
+    tokens = _load_tokens(source, vocab_size, block_size)
+    num_windows = (len(tokens) - 1) // block_size
+    per_rank = num_batches * micro_batch_size
+    total = per_rank * world_size
+    window_ids = np.arange(rank * per_rank, (rank + 1) * per_rank) * num_windows // total
+    return [
+        _gather(tokens, window_ids[i : i + micro_batch_size], block_size, device, False)
+        for i in range(0, per_rank, micro_batch_size)
+    ]

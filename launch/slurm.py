@@ -1,0 +1,440 @@
+"""Submit one training run through submitit: SLURM (multi-node), or locally with the same code.
+
+    python -m launch.slurm configs/gpt2.yaml optim.lr=6e-4 --nodes 2 --gpus-per-node 8 \\
+        --partition gpu --time 24:00:00
+    python -m launch.slurm configs/default.yaml --executor local --gpus-per-node 0 \\
+        --tasks-per-node 2
+
+The config is loaded and validated here, in the submitting process, so a typo fails before
+anything is queued. The job runs one task per GPU (`--tasks-per-node` on CPU-only clusters);
+each task derives the torch.distributed rendezvous from its environment (`launch.env`) and
+calls `train.run(config)` in-process. The run directory is made absolute before submission,
+so every attempt of the job, on any node, writes to the same place.
+
+Preemption, time limits and requeue
+-----------------------------------
+Three parties handle signals inside a task, installed in this order:
+
+1. submitit (before our code runs): SIGTERM and SIGCONT are logged and ignored; its
+   "requeue" signal (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise; sbatch sends it
+   `--signal-delay` seconds before the time limit, `job._interrupt()` sends SIGTERM then it)
+   runs `checkpoint_and_try_requeue`: on rank 0 it pickles `TrainTask.checkpoint()`, calls
+   `scontrol requeue` and exits on the spot, by raising SystemExit from wherever the main
+   thread happens to be. Left alone, that would requeue without a fresh checkpoint and lose
+   every step since the last periodic save.
+2. `TrainTask` replaces that SIGUSR2 handler with `_RequeueOnSignal`, which only records the
+   request and forwards it to the harness's own handler, so the harness saves first.
+3. `train.run` installs its handlers for SIGUSR1 and SIGTERM: they make the loop save a
+   checkpoint at the next step boundary, log a `preempt` event and return status
+   `preempted`. SIGTERM now reaches the harness instead of submitit's ignore.
+
+When `train.run` returns `preempted` and a requeue was asked for, rank 0 runs submitit's
+original handler itself: the checkpoint is on disk by then, so the requeued job (same job id,
+same pickled config with `checkpoint.resume=auto`) resumes from it in the same run directory,
+and so continues the same wandb run (monitor/sinks.py derives the wandb id from the absolute
+run directory, which is why the out_dir is made absolute before submitting). Other ranks
+exit without writing a submitit result, so no stale result of the interrupted attempt is
+left to be read. If the loop does not stop within `grace_s` after the signal (stuck in a
+collective, a long evaluation), a SIGALRM on rank 0 falls back to submitit's immediate
+requeue, which resumes from the last complete periodic checkpoint. SIGTERM alone (scancel,
+or SLURM's own preemption) lets the harness save but never requeues: SLURM decides that.
+The debug executor runs in-process with no signal handling, so none of this applies there.
+"""
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import submitit
+from submitit.core.job_environment import SignalHandler
+from submitit.core.utils import DelayedSubmission
+
+from configs import ConfigError, load_config
+from configs.schema import TrainConfig
+from launch import env
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXECUTORS = ("slurm", "local", "debug")
+
+
+def run_dir_of(config: TrainConfig) -> Path:
+    """The run directory `<run.out_dir>/<run.name>`."""
+    return Path(config.run.out_dir) / config.run.name
+
+
+# ------------------------------------------------------------------------------------------
+# Inside the job
+
+
+class _RequeueOnSignal:
+    """Turns submitit's requeue signal into "save first, then requeue" (see module docstring).
+
+    A timer (SIGALRM) covers the two ways the harness can fail to answer: it is not listening
+    yet (imports, init) or not any more (tearing down), checked again after `RECHECK_S`; or it
+    does not stop within `grace_s`, after which submitit requeues without waiting.
+    """
+
+    RECHECK_S = 5.0
+
+    def __init__(
+        self, signum: int, submitit_handler: Callable[..., Any], rank: int, grace_s: float
+    ) -> None:
+        self.signum = signum
+        self.submitit_handler = submitit_handler
+        self.rank = rank
+        self.grace_s = grace_s
+        self.requested = False  # submitit's signal arrived while training
+        self.forwarded = False  # the harness was told
+        self.finished = False  # train.run returned
+
+    @classmethod
+    def install(cls, rank: int, grace_s: float) -> "_RequeueOnSignal | None":
+        """Take over submitit's requeue signal; None when submitit handles no signals (debug)."""
+        signum = submitit.JobEnvironment._usr_sig()
+        handler = signal.getsignal(signum)
+        if not isinstance(getattr(handler, "__self__", None), SignalHandler):
+            return None
+        guard = cls(signum, handler, rank, grace_s)
+        signal.signal(signum, guard._on_signal)
+        signal.signal(signal.SIGALRM, guard._on_timer)
+        return guard
+
+    def _forward(self, frame: types.FrameType | None) -> bool:
+        """Hand the request to the harness's preemption handler, if it is listening."""
+        harness = signal.getsignal(signal.SIGUSR1)  # checkpoint.preemption's, during the loop
+        if not callable(harness):
+            return False
+        harness(self.signum, frame)  # the loop saves at the next step boundary and returns
+        self.forwarded = True
+        signal.setitimer(signal.ITIMER_REAL, self.grace_s)
+        return True
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        if self.finished or self.requested:
+            return  # after train.run, __call__ decides from the final status
+        self.requested = True
+        print(f"[launch] {signal.Signals(signum).name}: checkpoint, then requeue", flush=True)
+        if not self._forward(frame):
+            signal.setitimer(signal.ITIMER_REAL, self.RECHECK_S)
+
+    def _on_timer(self, signum: int, frame: types.FrameType | None) -> None:
+        if self.finished:
+            return
+        if not self.forwarded and self._forward(frame):
+            return
+        print("[launch] no checkpoint in time: requeue from the last complete one", flush=True)
+        self.submitit_handler(self.signum, frame)  # rank 0 requeues and exits; others log
+
+    def stop_timer(self) -> None:
+        """Called when train.run returns: later signals change nothing."""
+        self.finished = True
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def requeue(self) -> NoReturn:
+        """Rank 0: submitit's checkpoint-and-requeue (exits); other ranks exit quietly."""
+        if self.rank == 0:
+            self.submitit_handler(self.signum, None)  # pickles checkpoint(), requeues, exits
+        sys.exit(0)  # no result pickle: the requeued attempt writes this task's result
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """One rank of the job: rendezvous from the environment, then `train.run(config)`."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        workdir: str,
+        master_port: int | None = None,
+        grace_s: float = 60.0,
+    ) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.master_port = master_port
+        self.grace_s = grace_s
+
+    def __call__(self) -> dict[str, Any]:
+        os.chdir(self.workdir)  # relative config paths (data.data_dir) mean what they meant
+        job_env = submitit.JobEnvironment()
+        rendezvous = env.from_job_environment(job_env, self.master_port)
+        env.apply(rendezvous)
+        print(f"[launch] {job_env} rendezvous {rendezvous}", flush=True)
+        guard = _RequeueOnSignal.install(rendezvous.rank, self.grace_s)
+
+        try:
+            summary = self.train(self.config)
+        finally:
+            if guard is not None:
+                guard.stop_timer()
+        status = summary.get("status") if isinstance(summary, dict) else None
+        if guard is not None and guard.requested and status == "preempted":
+            guard.requeue()
+        return summary
+
+    def train(self, config: TrainConfig) -> dict[str, Any]:
+        """`train.run`, imported late: torch and deepspeed load only inside the job."""
+        import train
+
+        return train.run(config)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        """The requeued attempt: the same task, resuming from the run dir's latest checkpoint."""
+        config = self.config.model_copy(deep=True)
+        # 'never' would restart from scratch; a start path would drop the progress made since,
+        # once the run dir holds a checkpoint of its own (checkpoint/manager.py's pointer).
+        has_own = (run_dir_of(config) / "checkpoints" / "latest").is_file()
+        if config.checkpoint.resume == "never" or has_own:
+            config.checkpoint.resume = "auto"
+        task = type(self)(config, self.workdir, self.master_port, self.grace_s)
+        return DelayedSubmission(task, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# Submitting
+
+
+@dataclass
+class LaunchOptions:
+    """Resources and executor of one submission (the CLI flags)."""
+
+    executor: str = "slurm"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None  # default: gpus_per_node, or 1 without GPUs
+    cpus_per_task: int | None = None
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    mem_gb: float | None = None
+    exclusive: bool = False
+    folder: str | None = None  # default: <run dir>/submitit
+    signal_delay_s: int = 120
+    max_timeouts: int = 3
+    master_port: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # more submitit parameters
+
+    @property
+    def num_tasks_per_node(self) -> int:
+        """One rank per GPU unless told otherwise."""
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return self.gpus_per_node or 1
+
+    def check(self) -> None:
+        """Raise ValueError (one line) for combinations no executor can run."""
+        if self.executor not in EXECUTORS:
+            choices = ", ".join(EXECUTORS)
+            raise ValueError(f"unknown executor '{self.executor}' (choose from {choices})")
+        if self.nodes < 1:
+            raise ValueError(f"--nodes must be >= 1, got {self.nodes}")
+        if self.num_tasks_per_node < 1:
+            raise ValueError(f"--tasks-per-node must be >= 1, got {self.num_tasks_per_node}")
+        if self.gpus_per_node and self.num_tasks_per_node != self.gpus_per_node:
+            raise ValueError(
+                f"--tasks-per-node ({self.num_tasks_per_node}) must equal --gpus-per-node "
+                f"({self.gpus_per_node}): one rank per GPU"
+            )
+        if self.executor != "slurm" and self.nodes != 1:
+            raise ValueError(f"--executor {self.executor} runs on this machine: use --nodes 1")
+        if self.executor == "debug" and self.num_tasks_per_node != 1:
+            raise ValueError("--executor debug runs one task, in this process: --tasks-per-node 1")
+        if self.executor == "slurm" and shutil.which("srun") is None:
+            raise ValueError("no 'srun' on PATH: not a SLURM node (try --executor local)")
+
+
+def make_executor(options: LaunchOptions, folder: Path, job_name: str) -> submitit.AutoExecutor:
+    """A submitit executor with the job's resources; slurm_* keys are ignored off SLURM."""
+    kwargs: dict[str, Any] = {}
+    if options.executor == "slurm":
+        kwargs["slurm_max_num_timeout"] = options.max_timeouts
+    executor = submitit.AutoExecutor(folder=folder, cluster=options.executor, **kwargs)
+    # The job imports `configs`, `launch` and `train` from this checkout wherever it starts.
+    setup = [f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    params: dict[str, Any] = {
+        "name": job_name,
+        "nodes": options.nodes,
+        "tasks_per_node": options.num_tasks_per_node,
+        "timeout_min": options.time_min,
+        "cpus_per_task": options.cpus_per_task,
+        "mem_gb": options.mem_gb,
+        "slurm_partition": options.partition,
+        "slurm_account": options.account,
+        "slurm_qos": options.qos,
+        "slurm_constraint": options.constraint,
+        "slurm_signal_delay_s": options.signal_delay_s,
+        "slurm_setup": setup,
+        "local_setup": setup,
+    }
+    if options.gpus_per_node:  # `--gpus-per-node=0` is rejected by clusters without GPU gres
+        params["gpus_per_node"] = options.gpus_per_node
+    if options.exclusive:
+        params["slurm_exclusive"] = True
+    params.update(options.extra)
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+def prepare_config(config: TrainConfig) -> TrainConfig:
+    """A copy with an absolute run directory, the same for every attempt on every node."""
+    config = config.model_copy(deep=True)
+    config.run.out_dir = str(Path(config.run.out_dir).resolve())
+    return config
+
+
+def submit(config: TrainConfig, options: LaunchOptions) -> submitit.Job:
+    """Submit `config` as one job with `options`; returns the submitit job."""
+    options.check()
+    config = prepare_config(config)
+    folder = Path(options.folder) if options.folder else run_dir_of(config) / "submitit"
+    executor = make_executor(options, folder.resolve(), config.run.name)
+    grace_s = max(10.0, options.signal_delay_s - 20.0)
+    task = TrainTask(config, os.getcwd(), options.master_port, grace_s)
+    return executor.submit(task)
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'")
+    return value
+
+
+def parse_time_min(text: str) -> int:
+    """SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) -> whole minutes, at least 1."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"bad time '{text}' (use minutes, H:M:S or D-H:M:S)")
+    days, a, b, c = (int(g) if g is not None else None for g in match.groups())
+    if days is not None:  # D-H[:M[:S]]
+        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # H:M:S
+        seconds = a * 3600 + b * 60 + c
+    elif b is not None:  # M:S
+        seconds = a * 60 + b
+    else:  # M
+        seconds = a * 60
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"time '{text}' must be positive")
+    return max(1, -(-seconds // 60))
+
+
+def parse_mem_gb(text: str) -> float:
+    """'64G', '64GB', '500M', '1T' or a bare number of GB -> GB."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)B?", text.strip().upper())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"bad memory '{text}' (e.g. 64G or 500M)")
+    scale = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "": 1.0, "T": 1024.0}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m launch.slurm` command line."""
+    parser = _Parser(
+        prog="launch.slurm",
+        description="Submit one training run through submitit (SLURM, local or debug).",
+    )
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    parser.add_argument("--executor", default="slurm", help="slurm (default), local or debug")
+    parser.add_argument("--nodes", type=_positive_int, default=1)
+    parser.add_argument("--gpus-per-node", type=_non_negative_int, default=0)
+    parser.add_argument(
+        "--tasks-per-node", type=_positive_int, help="ranks per node (default: one per GPU)"
+    )
+    parser.add_argument("--cpus-per-task", type=_positive_int)
+    parser.add_argument("--partition")
+    parser.add_argument("--time", type=parse_time_min, default=60, help="minutes or D-H:M:S")
+    parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--constraint")
+    parser.add_argument("--mem", type=parse_mem_gb, help="memory per node, e.g. 64G")
+    parser.add_argument("--exclusive", action="store_true")
+    parser.add_argument("--folder", help="submitit logs and pickles (default: RUN_DIR/submitit)")
+    parser.add_argument(
+        "--signal-delay", type=_positive_int, default=120, help="seconds to save before the limit"
+    )
+    parser.add_argument("--max-timeouts", type=_non_negative_int, default=3)
+    parser.add_argument("--master-port", type=_positive_int, help="default: derived from job id")
+    parser.add_argument("--wait", action="store_true", help="block until the job ends")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validate, submit, print the job id and the run dir; 0 on success."""
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    options = LaunchOptions(
+        executor=args.executor,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        time_min=args.time,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        mem_gb=args.mem,
+        exclusive=args.exclusive,
+        folder=args.folder,
+        signal_delay_s=args.signal_delay,
+        max_timeouts=args.max_timeouts,
+        master_port=args.master_port,
+    )
+    try:
+        options.check()
+        config = prepare_config(load_config(args.config, args.overrides))
+    except (ConfigError, ValueError) as err:
+        parser.error(str(err))
+    job = submit(config, options)
+    tasks = options.nodes * options.num_tasks_per_node
+    print(f"job {job.job_id} ({options.executor}, {tasks} task(s) on {options.nodes} node(s))")
+    print(f"run dir {run_dir_of(config)}")
+    print(f"logs {job.paths.folder}")
+    if not (args.wait or options.executor != "slurm"):
+        return 0
+    summary = job.results()[0]  # the debug executor runs the task here
+    print(f"status {summary.get('status')} after {summary.get('steps')} steps")
+    return 0 if summary.get("status") == "completed" else 1
+
+
+if __name__ == "__main__":
+    # Re-import under the package name so the pickled TrainTask is `launch.slurm.TrainTask`,
+    # found by reference in the job, not `__main__.TrainTask` pickled by value.
+    from launch.slurm import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,238 @@
+"""GPT-2 language model, after nanoGPT's model.py, with optional qk-layernorm, z-loss and telemetry.
+
+Letters: B batch, T time (sequence), C channels (n_embd), V vocab, nh heads, hs head size (C // nh).
+
+References:
+1) the official GPT-2 TensorFlow implementation released by OpenAI:
+   https://github.com/openai/gpt-2/blob/master/src/model.py
+2) Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training instabilities"
+   (qk-layernorm, z-loss and the attention-logit growth that telemetry watches).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model.config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (torch's nn.LayerNorm cannot drop just the bias)."""
+
+    def __init__(self, ndim: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through SDPA (flash / memory-efficient kernels)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        # key, query, value projections for all heads, in one batched matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # output projection back into the residual stream
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # qk-layernorm normalises each head's queries and keys, which bounds the attention logits
+        # (Wortsman et al. 2023); it is a LayerNorm over hs, shared by all heads
+        head_size = config.n_embd // config.n_head
+        self.q_ln = LayerNorm(head_size, config.bias) if config.qk_layernorm else None
+        self.k_ln = LayerNorm(head_size, config.bias) if config.qk_layernorm else None
+
+    def forward(
+        self, x: torch.Tensor, telemetry: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the output and, with telemetry, max |q.k/sqrt(hs)| over the causal scores."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.q_ln is not None:
+            q, k = self.q_ln(q), self.k_ln(k)
+        # SDPA never materialises the scores, so telemetry recomputes them; ordinary calls skip it
+        logit_max = self._logit_max(q, k) if telemetry else None
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble the heads
+        return self.resid_dropout(self.c_proj(y)), logit_max
+
+    @staticmethod
+    @torch.no_grad()
+    def _logit_max(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Max |attention logit| before softmax, in fp32 so bf16 rounding does not hide growth."""
+        T = q.size(-2)
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
+        # masked entries become 0, which never wins the max of absolute values
+        return scores.abs().masked_fill(~causal, 0.0).amax()
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network with 4x expansion."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 uses the tanh approximation of GELU; matching it keeps HF imports exact
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, telemetry: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, logit_max = self.attn(self.ln_1(x), telemetry)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, logit_max
+
+
+@dataclass
+class GPTOutput:
+    """What one forward returns.
+
+    Attributes:
+        logits: (B, T, V) next-token logits.
+        loss: scalar mean cross-entropy (+ z-loss when configured); None without targets.
+        log_z: detached scalar, mean over positions of logsumexp(logits); None unless telemetry
+            or z-loss asked for it.
+        attn_logit_max: detached fp32 (n_layer,), per layer max |q.k/sqrt(hs)| over the causal
+            scores; None unless telemetry.
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    log_z: torch.Tensor | None = None
+    attn_logit_max: torch.Tensor | None = None
+
+
+class GPT(nn.Module):
+    """GPT-2 with GPT-2's parameter names, so Hugging Face weights map over with a transpose."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: one matrix embeds tokens and scores them, which saves V*C parameters
+        # and is what GPT-2 does
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two of
+        # them to the residual stream, and this keeps its variance from growing with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; the tied wte/lm_head matrix counts once.
+
+        Args:
+            non_embedding: subtract the position embeddings (as nanoGPT does). The token
+                embeddings stay in because, tied, they are also the output layer's weights.
+        """
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT's MFU.
+
+        6N covers the parameter matmuls; 12*L*H*hs*T covers the attention scores and the
+        weighted sum of values at full context length T.
+        """
+        cfg = self.config
+        N = self.num_params(non_embedding=True)
+        L, H, hs, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return float(6 * N + 12 * L * H * hs * T)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, telemetry: bool = False
+    ) -> GPTOutput:
+        """Runs the model on token ids (B, T); targets (B, T) use -1 for positions to ignore."""
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence {T} > block_size {self.config.block_size}"
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        logit_maxes = []
+        for block in self.transformer.h:
+            x, logit_max = block(x, telemetry)
+            logit_maxes.append(logit_max)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+
+        out = GPTOutput(logits=logits)
+        if telemetry:
+            out.attn_logit_max = torch.stack(logit_maxes).float()  # (n_layer,)
+        need_log_z = telemetry or self.config.z_loss > 0
+        if targets is None and not need_log_z:
+            return out
+        # softmax statistics in fp32: under bf16 autocast a sum over 50k logits loses too much;
+        # one copy shared by log Z and the loss (a no-op when the logits are already fp32)
+        logits_f = logits.float()  # (B, T, V)
+        log_z = torch.logsumexp(logits_f, dim=-1) if need_log_z else None  # (B, T)
+        if log_z is not None:
+            out.log_z = log_z.mean().detach()
+        if targets is not None:
+            out.loss = self._loss(logits_f, targets, log_z)
+        return out
+
+    def _loss(
+        self, logits_f: torch.Tensor, targets: torch.Tensor, log_z: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Mean cross-entropy, plus z_loss * mean(log Z^2) over the positions that have targets."""
+        V = logits_f.size(-1)
+        loss = F.cross_entropy(logits_f.view(-1, V), targets.reshape(-1), ignore_index=-1)
+        if self.config.z_loss > 0:
+            # z-loss (PaLM) pulls log Z towards 0, so the logits cannot drift off together;
+            # a masked sum rather than log_z[valid], whose boolean indexing syncs with the host
+            valid = targets != -1  # (B, T)
+            z_sq = torch.where(valid, log_z.square(), 0.0).sum() / valid.sum()
+            loss = loss + self.config.z_loss * z_sq
+        return loss

@@ -1,0 +1,530 @@
+"""Pure divergence detectors: plain floats in, `Detection`s out; no torch, no I/O.
+
+Each detector sees one series and says whether its newest value is alarming. They hold only small
+rolling state, and all of it round-trips through `state_dict()` as strict JSON, so a resumed run
+keeps its windows instead of going blind while they refill. What a detection *does* (record, skip,
+roll back, stop) is `monitor.policy`'s business, not theirs.
+
+Detectors see whatever readings the loop hands them: if the loop reads the loss only on log steps,
+a "window of 128" is 128 readings, not 128 optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+if TYPE_CHECKING:
+    from monitor.config import DivergenceConfig
+
+DetectionKind = Literal["nonfinite", "spike", "drift", "attn_logit", "output_logit"]
+
+# The robust std of a normal sample is 1.4826 x its median absolute deviation.
+MAD_TO_STD = 1.4826
+# Grad norms live on no fixed scale (they shrink by orders of magnitude early in training), so their
+# spike detector floors the robust std at a fraction of the median instead of an absolute value.
+GRAD_NORM_RELATIVE_FLOOR = 0.05
+# Keeps a z-score finite when a window is perfectly constant and every floor is zero.
+_MIN_SCALE = 1e-12
+STATE_VERSION = 1
+
+
+def json_number(value: float) -> float | str:
+    """A float as strict JSON allows it: non-finite values become 'nan', 'inf' or '-inf'."""
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def json_safe(value: Any) -> Any:
+    """A copy of a metrics value (nested dicts/lists of numbers and strings) that is strict JSON.
+
+    Raises TypeError for anything else, so a tensor slipping into the evidence fails loudly here
+    instead of later in `json.dumps`.
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, Integral):
+        return int(value)
+    if isinstance(value, Real):
+        return json_number(float(value))
+    if isinstance(value, Mapping):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    raise TypeError(f"cannot store a {type(value).__name__} as JSON evidence: {value!r}")
+
+
+def _optional_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One alarming reading: what fired, where, and the value against the bar it crossed."""
+
+    kind: DetectionKind
+    step: int
+    metric: str
+    value: float
+    threshold: float
+    detail: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(DetectionKind):
+            raise ValueError(f"unknown detection kind {self.kind!r}")
+
+    def to_event(self) -> dict[str, Any]:
+        """The events.jsonl fields of this detection (the sink adds `time`); strict JSON."""
+        return {
+            "step": int(self.step),
+            "kind": self.kind,
+            "metric": self.metric,
+            "value": json_number(self.value),
+            "threshold": json_number(self.threshold),
+            "detail": self.detail,
+        }
+
+
+class NonFiniteDetector:
+    """Flags a NaN or infinite loss or grad norm; stateless, one detection per bad metric."""
+
+    def update(self, step: int, loss: float, grad_norm: float | None) -> list[Detection]:
+        """Detections for each non-finite metric of this step (empty when all are finite)."""
+        detections = []
+        for metric, value in (("loss", loss), ("grad_norm", grad_norm)):
+            if value is not None and not math.isfinite(value):
+                detections.append(
+                    Detection(
+                        "nonfinite", step, metric, float(value), math.inf, f"{metric} is {value}"
+                    )
+                )
+        return detections
+
+
+class SpikeDetector:
+    """Upward outliers of one metric against a rolling window of its previous finite values.
+
+    The score is a robust z-score, `(x - median) / scale` with `scale = 1.4826 * MAD`, floored at
+    `max(std_floor, relative_floor * |median|)`: the median and MAD ignore the occasional outlier
+    that a mean and std would chase, and the floor keeps a very quiet window from turning ordinary
+    noise into "spikes" (OLMo-core floors its std the same way). Only upward spikes count; a sudden
+    drop of the loss is good news.
+
+    A flagged value is NOT added to the window. A run of spikes then keeps being flagged instead of
+    dragging the median up until it looks normal, and the baseline that a resumed or skipped step
+    is judged against stays clean. The price: a genuine, lasting upward level shift is flagged on
+    every reading until something else (a rollback, a stop) deals with it. While the window
+    fills, values go in unjudged; the median and MAD shrug off a stray outlier among them.
+    """
+
+    def __init__(
+        self,
+        metric: str,
+        window: int,
+        sigma: float,
+        std_floor: float,
+        relative_floor: float = 0.0,
+    ) -> None:
+        if window < 2:
+            raise ValueError(f"window must be at least 2, got {window}")
+        if sigma <= 0 or std_floor < 0 or relative_floor < 0:
+            raise ValueError("sigma must be > 0 and both floors >= 0")
+        self.metric = metric
+        self.window = window
+        self.sigma = sigma
+        self.std_floor = std_floor
+        self.relative_floor = relative_floor
+        self._values: deque[float] = deque(maxlen=window)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the window is full, i.e. whether `score` gives verdicts yet."""
+        return len(self._values) == self.window
+
+    def _center_and_scale(self) -> tuple[float, float]:
+        ordered = sorted(self._values)
+        center = _median(ordered)
+        mad = _median(sorted(abs(v - center) for v in ordered))
+        floor = max(self.std_floor, self.relative_floor * abs(center))
+        return center, max(MAD_TO_STD * mad, floor, _MIN_SCALE)
+
+    def score(self, value: float) -> float | None:
+        """Robust z-score of `value` against the window; None ("no verdict") until it is full
+        or when `value` is not finite (that is `NonFiniteDetector`'s to report)."""
+        if not self.ready or not math.isfinite(value):
+            return None
+        center, scale = self._center_and_scale()
+        return (value - center) / scale
+
+    def update(self, step: int, value: float) -> Detection | None:
+        """Judge `value`, then add it to the window unless it was flagged or not finite."""
+        if not math.isfinite(value):
+            return None
+        detection = None
+        if self.ready:
+            center, scale = self._center_and_scale()
+            z = (value - center) / scale
+            if z > self.sigma:
+                detail = (
+                    f"robust z {z:.1f} > {self.sigma:g} (median {center:.4g}, "
+                    f"scale {scale:.3g} over {self.window} readings)"
+                )
+                threshold = center + self.sigma * scale
+                detection = Detection("spike", step, self.metric, float(value), threshold, detail)
+        if detection is None:
+            self._values.append(float(value))
+        return detection
+
+    def state_dict(self) -> dict[str, Any]:
+        """The window, oldest first."""
+        return {"values": list(self._values)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the window; keeps the newest `window` values if the window shrank."""
+        self._values = deque((float(v) for v in state["values"]), maxlen=self.window)
+
+
+def _median(ordered: Sequence[float]) -> float:
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+class DriftDetector:
+    """Slow upward drift of the loss, the kind a spike detector's rolling window absorbs.
+
+    The loss is smoothed by a bias-corrected EMA. Drift is either (a) the smoothed loss above its
+    running minimum by more than `margin`, or (b) the smoothed loss rising `sustained_steps`
+    readings in a row, where "rising" means above the previous smoothed value by more than
+    `rise_tol` so that float jitter on a flat curve never counts. On noisy data (b) is all but
+    impossible by chance (about 0.5**50 for 50 readings), while (a) catches slow climbs.
+
+    It fires once per episode. The episode ends, and the detector re-arms, once the smoothed loss
+    is back within `margin` of its minimum and has made no new high for `sustained_steps`
+    readings. "Stopped rising" is judged by new highs, not by one flat reading, because a noisy
+    drift pauses its rise now and then without ending, and must not fire twice.
+
+    The first `warmup_steps` readings only feed the EMA: early training is noisy and steep, and a
+    minimum taken from the first few, barely averaged readings would sit too low. Non-finite
+    losses are ignored; spikes are not (a lasting jump of the loss is exactly the drift this is
+    for).
+    """
+
+    def __init__(
+        self,
+        ema: float,
+        margin: float,
+        sustained_steps: int,
+        warmup_steps: int = 128,
+        rise_tol: float = 1e-6,
+    ) -> None:
+        if not 0.0 < ema < 1.0:
+            raise ValueError(f"ema must be in (0, 1), got {ema}")
+        if margin <= 0 or sustained_steps < 1 or warmup_steps < 0 or rise_tol < 0:
+            raise ValueError("need margin > 0, sustained_steps >= 1, warmup_steps, rise_tol >= 0")
+        self.ema = ema
+        self.margin = margin
+        self.sustained_steps = sustained_steps
+        self.warmup_steps = warmup_steps
+        self.rise_tol = rise_tol
+        self._num_updates = 0
+        self._biased_ema = 0.0
+        self._smoothed: float | None = None
+        self._running_min: float | None = None
+        self._rise_run = 0
+        self._rise_start: float | None = None
+        self._in_episode = False
+        self._episode_high = 0.0
+        self._since_high = 0
+
+    @property
+    def smoothed(self) -> float | None:
+        """The bias-corrected EMA of the loss, None before the first finite reading."""
+        return self._smoothed
+
+    def update(self, step: int, loss: float) -> Detection | None:
+        """Fold in one loss reading; a Detection when a drift episode starts."""
+        if not math.isfinite(loss):
+            return None
+        self._num_updates += 1
+        self._biased_ema = self.ema * self._biased_ema + (1.0 - self.ema) * loss
+        smoothed = self._biased_ema / (1.0 - self.ema**self._num_updates)
+        previous, self._smoothed = self._smoothed, smoothed
+        if self._num_updates <= self.warmup_steps:
+            return None
+
+        if previous is not None and smoothed > previous + self.rise_tol:
+            if self._rise_run == 0:
+                self._rise_start = previous
+            self._rise_run += 1
+        else:
+            self._rise_run, self._rise_start = 0, None
+        if self._running_min is None or smoothed < self._running_min:
+            self._running_min = smoothed
+
+        above = smoothed - self._running_min > self.margin
+        rising = self._rise_run >= self.sustained_steps
+        if self._in_episode:
+            if smoothed > self._episode_high:
+                self._episode_high, self._since_high = smoothed, 0
+            else:
+                self._since_high += 1
+            if not above and self._since_high >= self.sustained_steps:
+                self._in_episode = False
+            return None
+        if not (above or rising):
+            return None
+        self._in_episode, self._episode_high, self._since_high = True, smoothed, 0
+        if above:
+            threshold = self._running_min + self.margin
+            detail = (
+                f"smoothed loss {smoothed:.4f} is {smoothed - self._running_min:.3f} above its "
+                f"minimum {self._running_min:.4f} (margin {self.margin:g})"
+            )
+        else:
+            assert self._rise_start is not None
+            threshold = self._rise_start
+            detail = (
+                f"smoothed loss rose {self._rise_run} readings in a row, "
+                f"{self._rise_start:.4f} -> {smoothed:.4f}"
+            )
+        return Detection("drift", step, "loss_ema", smoothed, threshold, detail)
+
+    def state_dict(self) -> dict[str, Any]:
+        """EMA, running minimum and episode state; all finite floats, ints, bools or None."""
+        return {
+            "num_updates": self._num_updates,
+            "biased_ema": self._biased_ema,
+            "smoothed": self._smoothed,
+            "running_min": self._running_min,
+            "rise_run": self._rise_run,
+            "rise_start": self._rise_start,
+            "in_episode": self._in_episode,
+            "episode_high": self._episode_high,
+            "since_high": self._since_high,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self._num_updates = int(state["num_updates"])
+        self._biased_ema = float(state["biased_ema"])
+        self._smoothed = _optional_float(state["smoothed"])
+        self._running_min = _optional_float(state["running_min"])
+        self._rise_run = int(state["rise_run"])
+        self._rise_start = _optional_float(state["rise_start"])
+        self._in_episode = bool(state["in_episode"])
+        self._episode_high = float(state["episode_high"])
+        self._since_high = int(state["since_high"])
+
+
+class AttnLogitDetector:
+    """Per-layer max |attention logit| above `threshold`, or growing fast while already sizable.
+
+    Attention-logit growth precedes divergence at high learning rates (Wortsman et al. 2023 saw
+    > 1e4 in layer 0). A layer alarms when its reading is above `threshold`, not finite, or more
+    than `growth` x its previous reading while above `min_level` (default threshold/10, so tiny
+    early logits doubling do not alarm). Each layer fires once per episode and re-arms at the
+    first reading that is neither above threshold nor growing that fast.
+    """
+
+    def __init__(self, threshold: float, growth: float, min_level: float | None = None) -> None:
+        if threshold <= 0 or growth <= 1:
+            raise ValueError("need threshold > 0 and growth > 1")
+        self.threshold = threshold
+        self.growth = growth
+        self.min_level = threshold / 10 if min_level is None else min_level
+        self._previous: list[float | None] = []
+        self._alarmed: list[bool] = []
+
+    def update(self, step: int, values: Sequence[float]) -> list[Detection]:
+        """Judge one reading (one value per layer); a Detection per layer starting an episode."""
+        if len(values) != len(self._previous):  # first reading, or the model changed
+            self._previous = [None] * len(values)
+            self._alarmed = [False] * len(values)
+        detections = []
+        for layer, value in enumerate(values):
+            value = float(value)
+            previous = self._previous[layer]
+            reason, threshold = None, self.threshold
+            if not math.isfinite(value):
+                reason = f"max |attention logit| is {value}"
+            elif value > self.threshold:
+                reason = f"{value:.4g} above threshold {self.threshold:g}"
+            elif previous is not None and value > self.growth * previous and value > self.min_level:
+                threshold = self.growth * previous
+                factor = f"{value / previous:.1f}x" if previous > 0 else "from 0"
+                reason = f"grew {factor} ({previous:.4g} -> {value:.4g}) above {self.min_level:g}"
+            if reason is not None and not self._alarmed[layer]:
+                metric = f"attn_logit_max/layer{layer}"
+                detections.append(Detection("attn_logit", step, metric, value, threshold, reason))
+            self._alarmed[layer] = reason is not None
+            self._previous[layer] = value if math.isfinite(value) else None
+        return detections
+
+    def state_dict(self) -> dict[str, Any]:
+        """Previous reading and episode flag per layer."""
+        return {"previous": list(self._previous), "alarmed": list(self._alarmed)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self._previous = [_optional_float(v) for v in state["previous"]]
+        self._alarmed = [bool(v) for v in state["alarmed"]]
+
+
+class OutputLogitDetector:
+    """|mean log Z| of the output softmax above `threshold`, once per episode.
+
+    log Z drifting away from 0 is the output-logit divergence that a z-loss (and weight decay)
+    prevents. Re-arms once |log Z| is back within the threshold.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        if threshold <= 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        self.threshold = threshold
+        self._alarmed = False
+
+    def update(self, step: int, log_z: float) -> Detection | None:
+        """Judge one reading of the mean log Z; a Detection when an episode starts."""
+        log_z = float(log_z)
+        bad = not math.isfinite(log_z) or abs(log_z) > self.threshold
+        fire = bad and not self._alarmed
+        self._alarmed = bad
+        if not fire:
+            return None
+        detail = f"|mean log Z| {abs(log_z):.4g} > {self.threshold:g}"
+        return Detection("output_logit", step, "log_z", log_z, self.threshold, detail)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The episode flag."""
+        return {"alarmed": self._alarmed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self._alarmed = bool(state["alarmed"])
+
+
+class DivergenceDetectors:
+    """Every detector of a run, fed from the loop's scalars and the logit telemetry."""
+
+    def __init__(
+        self,
+        nonfinite: NonFiniteDetector,
+        loss_spike: SpikeDetector,
+        grad_spike: SpikeDetector,
+        drift: DriftDetector,
+        attn_logit: AttnLogitDetector,
+        output_logit: OutputLogitDetector,
+    ) -> None:
+        self.nonfinite = nonfinite
+        self.loss_spike = loss_spike
+        self.grad_spike = grad_spike
+        self.drift = drift
+        self.attn_logit = attn_logit
+        self.output_logit = output_logit
+
+    @classmethod
+    def from_config(cls, cfg: DivergenceConfig) -> DivergenceDetectors:
+        """The detectors `cfg` describes; drift ignores the first `cfg.window` readings."""
+        return cls(
+            nonfinite=NonFiniteDetector(),
+            loss_spike=SpikeDetector("loss", cfg.window, cfg.spike_sigma, cfg.std_floor),
+            grad_spike=SpikeDetector(
+                "grad_norm",
+                cfg.window,
+                cfg.grad_spike_sigma,
+                std_floor=0.0,
+                relative_floor=GRAD_NORM_RELATIVE_FLOOR,
+            ),
+            drift=DriftDetector(
+                cfg.drift_ema, cfg.drift_margin, cfg.drift_steps, warmup_steps=cfg.window
+            ),
+            attn_logit=AttnLogitDetector(cfg.attn_logit_max, cfg.attn_logit_growth),
+            output_logit=OutputLogitDetector(cfg.output_log_z_max),
+        )
+
+    def update(self, step: int, loss: float, grad_norm: float | None) -> list[Detection]:
+        """Detections for one step's loss and grad norm (grad_norm None when not measured)."""
+        detections = self.nonfinite.update(step, loss, grad_norm)
+        for detection in (
+            self.loss_spike.update(step, loss),
+            None if grad_norm is None else self.grad_spike.update(step, grad_norm),
+            self.drift.update(step, loss),
+        ):
+            if detection is not None:
+                detections.append(detection)
+        return detections
+
+    def update_telemetry(
+        self, step: int, attn_logit_max: Sequence[float] | None, log_z: float | None
+    ) -> list[Detection]:
+        """Detections for one telemetry reading; either part may be None when not measured."""
+        detections = []
+        if attn_logit_max is not None:
+            detections += self.attn_logit.update(step, attn_logit_max)
+        if log_z is not None and (detection := self.output_logit.update(step, log_z)):
+            detections.append(detection)
+        return detections
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every detector's state as one strict-JSON dict, for the checkpoint."""
+        return {
+            "version": STATE_VERSION,
+            "loss_spike": self.loss_spike.state_dict(),
+            "grad_spike": self.grad_spike.state_dict(),
+            "drift": self.drift.state_dict(),
+            "attn_logit": self.attn_logit.state_dict(),
+            "output_logit": self.output_logit.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"detector state version {state.get('version')!r} != {STATE_VERSION}")
+        self.loss_spike.load_state_dict(state["loss_spike"])
+        self.grad_spike.load_state_dict(state["grad_spike"])
+        self.drift.load_state_dict(state["drift"])
+        self.attn_logit.load_state_dict(state["attn_logit"])
+        self.output_logit.load_state_dict(state["output_logit"])
+
+
+class EvidenceBuffer:
+    """The last `steps` steps' metrics, embedded in an event so it explains itself.
+
+    Values are made strict JSON on the way in (non-finite floats become 'nan'/'inf'), so both the
+    snapshot and the checkpointed state can be written as they are.
+    """
+
+    def __init__(self, steps: int) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.steps = steps
+        self._records: deque[dict[str, Any]] = deque(maxlen=steps)
+
+    def append(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Remember one step's metrics (a copy, under `step`)."""
+        values = json_safe(dict(metrics))
+        values.pop("step", None)
+        self._records.append({"step": int(step), **values})
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The buffered records, oldest first, as copies the caller may keep."""
+        return [json_safe(record) for record in self._records]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The buffered records."""
+        return {"records": self.snapshot()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the records; keeps the newest `steps` if the buffer shrank."""
+        self._records = deque((json_safe(r) for r in state["records"]), maxlen=self.steps)

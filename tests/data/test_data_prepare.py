@@ -1,0 +1,193 @@
+"""`data.prepare`: counts, checksums and split against a direct tokenization; atomicity."""
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import data.prepare as prep
+from data.prepare import DataError, HubSource, main, prepare
+from data.tokenizer import EOT_TOKEN, gpt2_encoding
+
+DOCS = [
+    f"Document {i}: {'naïve café 👋 ' * (i % 5)}the number {i * 7919} is odd." for i in range(40)
+]
+
+
+def _ids(text: str) -> list[int]:
+    return gpt2_encoding().encode_ordinary(text) + [EOT_TOKEN]
+
+
+def _documents(path: Path) -> list[tuple[int, ...]]:
+    """A token file cut after every EOT: the tokenized documents in file order."""
+    ids = np.fromfile(path, dtype="<u2").tolist()
+    ends = [i + 1 for i, token in enumerate(ids) if token == EOT_TOKEN]
+    return [tuple(ids[start:end]) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def _meta(out: Path) -> dict:
+    return json.loads((out / "meta.json").read_text())
+
+
+def _write_mixed_dir(root: Path) -> Path:
+    """DOCS spread over .txt (one document each), .jsonl and .parquet files, plus noise."""
+    root.mkdir()
+    for i, doc in enumerate(DOCS[:10]):
+        (root / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    (root / "empty.txt").write_text("")  # dropped: not a document
+    (root / "notes.md").write_text("ignored: not a supported suffix")
+    sub = root / "sub"
+    sub.mkdir()
+    lines = [json.dumps({"text": doc}) for doc in DOCS[10:25]]
+    (sub / "part.jsonl").write_text("\n".join(lines[:7]) + "\n\n" + "\n".join(lines[7:]) + "\n")
+    pq.write_table(pa.table({"text": DOCS[25:], "id": list(range(25, 40))}), sub / "part.parquet")
+    return root
+
+
+def _assert_matches_direct_tokenization(out: Path, docs: list[str], val_fraction: float) -> None:
+    meta = _meta(out)
+    expected = sorted(tuple(_ids(doc)) for doc in docs)
+    written = {name: _documents(out / f"{name}.bin") for name in ("train", "val")}
+    assert sorted(written["train"] + written["val"]) == expected
+    assert meta["splits"]["val"]["num_documents"] == math.ceil(val_fraction * len(docs))
+    for name, split in meta["splits"].items():
+        assert split["num_documents"] == len(written[name])
+        assert split["num_tokens"] == sum(map(len, written[name]))
+        assert split["sha256"] == hashlib.sha256((out / split["file"]).read_bytes()).hexdigest()
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == ("gpt2", 50257, 50256)
+    assert (meta["format_version"], meta["val_fraction"]) == (1, val_fraction)
+
+
+def test_mixed_directory_matches_direct_tokenization(tmp_path: Path) -> None:
+    out = prepare(_write_mixed_dir(tmp_path / "in"), tmp_path / "out", val_fraction=0.2, seed=7)
+    _assert_matches_direct_tokenization(out, DOCS, 0.2)
+    assert _meta(out)["split_seed"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no work dir left
+
+
+def test_split_is_seeded(tmp_path: Path) -> None:
+    src = _write_mixed_dir(tmp_path / "in")
+    a = prepare(src, tmp_path / "a", val_fraction=0.2, seed=1)
+    b = prepare([src], tmp_path / "b", val_fraction=0.2, seed=1)
+    c = prepare(src, tmp_path / "c", val_fraction=0.2, seed=2)
+    assert (a / "val.bin").read_bytes() == (b / "val.bin").read_bytes()
+    assert (a / "val.bin").read_bytes() != (c / "val.bin").read_bytes()
+
+
+def test_datasets_path_offline_equals_local_path(tmp_path: Path) -> None:
+    """The openwebtext code path (load_dataset, num_proc map) on a local json dataset."""
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in DOCS))
+    hub = HubSource("json", {"data_files": str(jsonl), "cache_dir": str(tmp_path / "hf")})
+    out = prepare(hub, tmp_path / "hub", val_fraction=0.1, seed=2357, num_proc=2)
+    _assert_matches_direct_tokenization(out, DOCS, 0.1)
+    assert _meta(out)["source"] == "datasets.load_dataset('json')"
+    # Same rows, same seed: the local-file path writes the very same bytes.
+    local = prepare(jsonl, tmp_path / "local", val_fraction=0.1, seed=2357)
+    for name in ("train.bin", "val.bin"):
+        assert (out / name).read_bytes() == (local / name).read_bytes()
+
+
+def test_refuses_to_overwrite_without_force(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = _write_mixed_dir(tmp_path / "in")
+    out = prepare(src, tmp_path / "out", val_fraction=0.2)
+    with pytest.raises(DataError, match="--force"):
+        prepare(src, out, val_fraction=0.2)
+    capsys.readouterr()  # drop the progress bars of the first run
+    assert main([str(src), "--out", str(out), "--val-fraction", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--force" in err and err.count("\n") == 1
+    assert main([str(src), "--out", str(out), "--val-fraction", "0.3", "--force"]) == 0
+    assert _meta(out)["val_fraction"] == 0.3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+def test_refuses_a_non_empty_directory_that_is_not_a_dataset(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not an empty directory; pass --force"):
+        prepare(_write_mixed_dir(tmp_path / "in"), tmp_path / "out")
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
+
+
+def test_bad_file_midway_leaves_nothing_finished(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_text(DOCS[0])
+    (src / "b.jsonl").write_text(json.dumps({"text": DOCS[1]}) + "\n{not json\n")
+    (src / "c.txt").write_text(DOCS[2])
+    with pytest.raises(DataError, match=r"b\.jsonl:2: not valid JSON"):
+        prepare(src, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_interrupted_write_keeps_the_old_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interruption: BaseException
+) -> None:
+    src = _write_mixed_dir(tmp_path / "in")
+    out = prepare(src, tmp_path / "out", val_fraction=0.2, seed=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_split = prep._write_split
+
+    def fail_on_val(tokenized, path: Path, name: str) -> tuple[int, str]:
+        if name == "val":  # train.bin is already written by now
+            raise interruption
+        return write_split(tokenized, path, name)
+
+    monkeypatch.setattr(prep, "_write_split", fail_on_val)
+    with pytest.raises(type(interruption)):
+        prepare(src, out, val_fraction=0.2, seed=2, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+    with pytest.raises(type(interruption)):
+        prepare(src, tmp_path / "new", val_fraction=0.2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+def test_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataError, match="no input files: no .txt, .jsonl or .parquet files"):
+        prepare(tmp_path / "nothing", tmp_path / "out")
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("")
+    (tmp_path / "blank" / "b.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(DataError, match="empty input"):
+        prepare(tmp_path / "blank", tmp_path / "out")
+    with pytest.raises(DataError, match="unknown source 'wikipedia'"):
+        prepare("wikipedia", tmp_path / "out")
+    (tmp_path / "x.csv").write_text("text\nhello\n")
+    with pytest.raises(DataError, match="unsupported file"):
+        prepare(tmp_path / "x.csv", tmp_path / "out")
+    (tmp_path / "one.txt").write_text("a single document")
+    with pytest.raises(DataError, match="need 2"):
+        prepare(tmp_path / "one.txt", tmp_path / "out")
+    (tmp_path / "notext.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(DataError, match=r"notext\.jsonl:1: no string 'text' field"):
+        prepare(tmp_path / "notext.jsonl", tmp_path / "out")
+    with pytest.raises(DataError, match="val_fraction"):
+        prepare(tmp_path / "one.txt", tmp_path / "out", val_fraction=1.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "blank", "notext.jsonl", "nothing", "one.txt", "x.csv"
+    ]  # fmt: skip
+
+
+def test_command_line_error_exits_2(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "data.prepare", "no-such-source", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: unknown source 'no-such-source': expected 'openwebtext' or existing "
+        ".txt/.jsonl/.parquet files or directories\n"
+    )

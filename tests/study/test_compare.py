@@ -1,0 +1,279 @@
+"""study/: reading run directories, the comparison report and LR sensitivity, on synthetic runs."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from study.compare import default_out, ema, main, report
+from study.runs import (
+    StudyError,
+    label,
+    labels,
+    load_run,
+    load_runs,
+    short_names,
+    to_float,
+    varying_keys,
+)
+from study.sensitivity import lr_groups, lr_sensitivity
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SWEEP_PNGS = ["loss", "val_loss", "grad_norm", "param_norm", "eff_lr", "logits"]
+
+
+@pytest.fixture(scope="session")
+def sweep_report(sweep_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The report of the four-run sweep, made once through the CLI entry point."""
+    out = tmp_path_factory.mktemp("report")
+    assert main([str(sweep_dir), "--out", str(out), "--smooth", "0.5"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def lr_report(lr_sweep_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lr_report")
+    assert main([str(lr_sweep_dir), "--out", str(out)]) == 0
+    return out
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- reading runs ----------------------------------------------------------------------------
+
+
+def test_rollback_keeps_each_steps_last_line(sweep_dir: Path) -> None:
+    run = load_run(sweep_dir / "wd0.1-bf16")
+    assert sorted(run.metrics) == list(range(21))
+    assert run.metrics[10]["loss"] == 4.9375  # curve(10, 3.25), not the spike's 9.5
+    assert run.metrics[12]["loss"] == pytest.approx(4.33)  # not the first timeline's 4.38
+    assert run.val == {10: 4.9, 20: 3.35}
+    steps, losses = run.series("loss")
+    assert steps.tolist() == list(range(21)) and losses[-1] == 3.25
+
+
+def test_resumed_timeline_drops_the_abandoned_tail(make_run: Callable[..., Path]) -> None:
+    lines = [(s, 5.0) for s in range(11)] + [(s, 4.0) for s in (6, 7, 8)]
+    run = load_run(make_run("resumed", lines))
+    assert sorted(run.metrics) == list(range(9))
+    assert run.metrics[8]["loss"] == 4.0 and run.summary["final_loss"] == 4.0
+
+
+def test_truncated_last_line_and_missing_summary(sweep_dir: Path) -> None:
+    run = load_run(sweep_dir / "wd0.1-fp32")
+    assert max(run.metrics) == 18
+    assert run.summary == {
+        "status": "unknown",
+        "steps": 18,
+        "final_loss": pytest.approx(3.466),  # curve(18, 3.4)
+        "final_val_loss": None,
+        "divergences": 1,  # the drift; the checkpoint event is not a detection
+        "first_divergence_step": 6,
+    }
+    assert any("skipped 1 line" in note for note in run.notes)
+    assert any("no summary.json" in note for note in run.notes)
+
+
+def test_nonfinite_values(sweep_dir: Path) -> None:
+    run = load_run(sweep_dir / "wd0-fp32")
+    _, losses = run.series("loss")
+    _, grad_norms = run.series("grad_norm")
+    _, log_z = run.series("log_z")
+    assert math.isnan(losses[15]) and math.isinf(grad_norms[15]) and math.isnan(log_z[15])
+    assert math.isnan(run.summary["final_loss"])  # "nan" in summary.json
+    assert run.summary["status"] == "diverged"
+    assert [e["kind"] for e in run.detections] == ["spike", "nonfinite"]
+    assert (to_float("inf"), to_float("-inf"), to_float("3e-4"), to_float(2)) == (
+        math.inf,
+        -math.inf,
+        3e-4,
+        2.0,
+    )
+    assert all(math.isnan(to_float(x)) for x in (" NaN", None, "fast", True))
+
+
+def test_stale_summary_is_noted(make_run: Callable[..., Path]) -> None:
+    lines = [(s, 6.0 - s) for s in range(4)]
+    run = load_run(make_run("stale", lines, summary={"status": "completed", "final_loss": 4.0}))
+    assert run.summary["final_loss"] == 4.0  # summary.json wins where it has a value
+    assert run.summary["steps"] == 3  # computed where it has none
+    assert any("final_loss=4.0 but the logs give 3.0" in note for note in run.notes)
+
+
+def test_varying_keys_and_labels(sweep_dir: Path) -> None:
+    runs = load_runs([sweep_dir])
+    assert [run.name for run in runs] == ["wd0-bf16", "wd0-fp32", "wd0.1-bf16", "wd0.1-fp32"]
+    keys = varying_keys(runs)
+    assert keys == ["optim.weight_decay", "precision"]  # not run.name/out_dir, meta, wandb
+    assert labels(runs, keys) == [
+        "weight_decay=0 precision=bf16",
+        "weight_decay=0 precision=fp32",
+        "weight_decay=0.1 precision=bf16",
+        "weight_decay=0.1 precision=fp32",
+    ]
+    assert label(runs[0], []) == "wd0-bf16"
+    assert short_names(["optim.lr", "probe.lr", "precision"]) == {
+        "optim.lr": "optim.lr",
+        "probe.lr": "probe.lr",
+        "precision": "precision",
+    }
+
+
+def test_mixed_arguments_are_read_once(sweep_dir: Path) -> None:
+    runs = load_runs([sweep_dir / "wd0-fp32", sweep_dir, sweep_dir / "wd0-fp32"])
+    assert [run.name for run in runs] == ["wd0-fp32", "wd0-bf16", "wd0.1-bf16", "wd0.1-fp32"]
+    assert labels(runs[:1]) == ["wd0-fp32"]
+
+
+@pytest.mark.parametrize(
+    "make_path, message",
+    [
+        (lambda tmp: tmp / "nope", "does not exist"),
+        (lambda tmp: (tmp / "f.txt").write_text("x") and tmp / "f.txt", "is a file"),
+        (lambda tmp: tmp, "is neither a run directory (no config.yaml) nor a sweep directory"),
+    ],
+)
+def test_bad_paths(tmp_path: Path, make_path: Callable[[Path], Path], message: str) -> None:
+    (tmp_path / "empty_subdir").mkdir()
+    path = make_path(tmp_path)
+    with pytest.raises(StudyError, match=re.escape(message)):
+        load_runs([path])
+    with pytest.raises(StudyError, match="no runs"):
+        load_runs([])
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "study.compare", str(tmp_path / "missing")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"error: '{tmp_path / 'missing'}' does not exist\n"
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def test_summary_csv_values(sweep_report: Path) -> None:
+    rows = {row["run"]: row for row in _csv(sweep_report / "summary.csv")}
+    expected = {  # status, steps, final loss, final val loss, divergences, first, mean tok/s
+        "wd0-bf16": ("completed", "20", 3.3, "3.4", "0", "", 1100.0),
+        "wd0.1-bf16": ("completed", "20", 3.25, "3.35", "1", "10", 1100.0),
+        "wd0-fp32": ("diverged", "15", math.nan, "", "2", "14", 1075.0),
+        "wd0.1-fp32": ("unknown", "18", 3.466, "", "1", "6", 1090.0),
+    }
+    assert set(rows) == set(expected)
+    for name, (status, steps, loss, val, divergences, first, tok_per_s) in expected.items():
+        row = rows[name]
+        assert (row["status"], row["steps"], row["final_val_loss"]) == (status, steps, val)
+        assert (row["divergences"], row["first_divergence_step"]) == (divergences, first)
+        assert float(row["final_loss"]) == pytest.approx(loss, nan_ok=True)
+        assert float(row["mean_tok_per_s"]) == pytest.approx(tok_per_s)
+    assert rows["wd0-fp32"]["label"] == "weight_decay=0 precision=fp32"
+    assert rows["wd0-fp32"]["optim.weight_decay"] == "0.0"
+    assert rows["wd0-fp32"]["precision"] == "fp32"
+
+
+def test_summary_md(sweep_report: Path) -> None:
+    text = (sweep_report / "summary.md").read_text()
+    assert "Runs differ in: `optim.weight_decay`, `precision`." in text
+    assert "| weight_decay=0 precision=fp32 | diverged | 15 | nan | - | 2 | 14 | 1,075 |" in text
+    assert "| weight_decay=0.1 precision=bf16 | completed | 20 | 3.2500 | 3.3500 | 1 | 10 |" in text
+    for name in SWEEP_PNGS:
+        assert f"]({name}.png)" in text
+    assert "LR sensitivity" not in text  # the LR does not vary
+    assert "wd0.1-fp32: no summary.json" in text
+
+
+@pytest.mark.parametrize("name", SWEEP_PNGS)
+def test_plots_are_real_pngs(sweep_report: Path, name: str) -> None:
+    path = sweep_report / f"{name}.png"
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert path.stat().st_size > 20_000
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width > 600 and height > 300
+
+
+def test_no_sensitivity_plot_without_lr_grid(sweep_report: Path) -> None:
+    assert not (sweep_report / "lr_sensitivity.png").exists()
+    assert not (sweep_report / "sensitivity.csv").exists()
+
+
+def test_default_out(sweep_dir: Path, tmp_path: Path) -> None:
+    assert default_out(str(sweep_dir)) == sweep_dir / "compare"
+    assert default_out(str(sweep_dir / "wd0-bf16")) == Path("compare")  # never inside a run
+
+
+def test_report_dir_inside_sweep_is_not_a_run(sweep_dir: Path, tmp_path: Path) -> None:
+    paths, _ = report(load_runs([sweep_dir]), tmp_path / "compare")
+    assert [p.name for p in paths[:2]] == ["summary.md", "summary.csv"]
+    assert len(load_runs([sweep_dir])) == 4
+
+
+def test_ema() -> None:
+    values = np.array([1.0, 3.0, np.nan, 3.0])
+    np.testing.assert_array_equal(ema(values, 0.0), values)
+    smooth = ema(values, 0.5)
+    assert smooth[0] == 1.0  # debiased: starts at the first value, not at 0.5
+    assert smooth[1] == pytest.approx((0.25 * 1 + 0.5 * 3) / 0.75)
+    assert np.isnan(smooth[2]) and np.isfinite(smooth[3])
+
+
+# --- LR sensitivity --------------------------------------------------------------------------
+
+
+def test_lr_sensitivity_by_hand() -> None:
+    # min(final, initial): 4, 3.5, 10 (12 clipped) -> best 3.5 -> mean(0.5, 0, 6.5)
+    assert lr_sensitivity([4.0, 3.5, 12.0], [10.0, 10.0, 10.0]) == pytest.approx(7 / 3)
+    # NaN counts as the initial loss; per-run initial losses
+    assert lr_sensitivity([4.0, math.nan], [10.0, 11.0]) == pytest.approx((0 + 7.0) / 2)
+    assert lr_sensitivity([3.0], [10.0]) == 0.0
+    with pytest.raises(ValueError):
+        lr_sensitivity([], [])
+
+
+def test_lr_groups(lr_sweep_dir: Path) -> None:
+    groups, notes = lr_groups(load_runs([lr_sweep_dir]))
+    assert notes == []
+    # optim.min_lr = lr / 10 follows the LR, so it does not split the groups
+    assert [g.label for g in groups] == ["name=adam_l2", "name=adamw"]
+    adam_l2, adamw = groups
+    assert adamw.lrs == [1e-3, 3e-3, 1e-2]
+    assert adamw.clipped_losses == [4.0, 3.5, 10.0]
+    assert adamw.sensitivity == pytest.approx(7 / 3)
+    assert adamw.best == (3e-3, 3.5)
+    # diverged runs count as the initial loss, finite final loss (6.0) or not
+    assert adam_l2.clipped_losses == [4.2, 10.0, 10.0]
+    assert adam_l2.sensitivity == pytest.approx((0 + 5.8 + 5.8) / 3)
+    assert lr_groups(load_runs([lr_sweep_dir / "adamw-lr0.001"])) == ([], [])
+
+
+def test_sensitivity_outputs(lr_report: Path) -> None:
+    rows = _csv(lr_report / "sensitivity.csv")
+    assert [(r["group"], r["lrs"]) for r in rows] == [
+        ("name=adam_l2", "0.001 0.003 0.01"),
+        ("name=adamw", "0.001 0.003 0.01"),
+    ]
+    assert float(rows[1]["sensitivity"]) == pytest.approx(7 / 3)
+    assert (rows[0]["diverged"], rows[1]["best_lr"]) == ("2", "0.003")
+    text = (lr_report / "summary.md").read_text()
+    assert "| name=adamw | 0.001 0.003 0.01 | 0.003 | 3.5000 | 0 | 2.3333 |" in text
+    assert "](lr_sensitivity.png)" in text
+    png = lr_report / "lr_sensitivity.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 10_000

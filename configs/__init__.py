@@ -63,7 +63,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if key.strip() not in _known_keys(TrainConfig) and path[:2] != ["deepspeed", "extra"]:
         sections = sorted({k.split(".")[0] for k in _known_keys(TrainConfig)})
         close = [k for k in _known_keys(TrainConfig) if k.split(".")[-1] == path[-1]]
-        hint = f" (did you mean {', '.join(close)}?)" if close else f" (sections: {', '.join(sections)})"
+        hint = (
+            f" (did you mean {', '.join(close)}?)"
+            if close
+            else f" (sections: {', '.join(sections)})"
+        )
         raise ConfigError(f"unknown config key '{key}'{hint}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""

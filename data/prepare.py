@@ -170,7 +170,14 @@ def _load(source: Source, arrow_dir: Path, num_proc: int) -> tuple["Dataset", st
 def _load_hub(source: HubSource, num_proc: int) -> "Dataset":
     import datasets
 
-    loaded = datasets.load_dataset(source.name, num_proc=num_proc, **source.kwargs)
+    try:
+        loaded = datasets.load_dataset(source.name, num_proc=num_proc, **source.kwargs)
+    except (ConnectionError, FileNotFoundError, RuntimeError) as e:
+        # Offline, a renamed repo, or a script dataset that recent `datasets` refuses.
+        raise DataError(
+            f"datasets.load_dataset({source.name!r}) failed: {e}; check the network, "
+            "or name another copy with --hub-name"
+        ) from e
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise DataError(f"dataset {source.name!r} has no 'train' split: {list(loaded)}")

@@ -7,7 +7,6 @@ from typing import Any
 
 import yaml
 
-from configs import to_yaml
 from configs.schema import TrainConfig
 from launch.distributed import DistEnv
 from monitor.sinks import Progress, RunFiles, WandbSink

@@ -172,6 +172,10 @@ def test_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "notext.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(DataError, match=r"notext\.jsonl:1: no string 'text' field"):
         prepare(tmp_path / "notext.jsonl", tmp_path / "out")
+    missing_file, cache_dir = str(tmp_path / "missing.jsonl"), str(tmp_path / "hf")
+    missing = HubSource("json", {"data_files": missing_file, "cache_dir": cache_dir})
+    with pytest.raises(DataError, match=r"load_dataset\('json'\) failed: .*--hub-name"):
+        prepare(missing, tmp_path / "out")
     with pytest.raises(DataError, match="val_fraction"):
         prepare(tmp_path / "one.txt", tmp_path / "out", val_fraction=1.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -18,7 +18,10 @@ LR = 1e-2
 def batches(num: int, vocab: int = 128, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     return [
-        (torch.randint(0, vocab, (4, 16), generator=gen), torch.randint(0, vocab, (4, 16), generator=gen))
+        (
+            torch.randint(0, vocab, (4, 16), generator=gen),
+            torch.randint(0, vocab, (4, 16), generator=gen),
+        )
         for _ in range(num)
     ]
 
@@ -85,7 +88,7 @@ def test_engine_matches_torch(dist_env, stage, name, grad_clip):
     data = batches(STEPS)
     ours, weights, _ = engine_run(cfg, dist_env, data)
     ref_losses, ref_weights = torch_run(cfg, data)
-    for got, (loss, norm) in zip(ours, ref_losses):
+    for got, (loss, norm) in zip(ours, ref_losses, strict=True):
         assert got.applied
         assert got.loss == pytest.approx(loss, abs=1e-6)
         assert got.grad_norm == pytest.approx(norm, rel=1e-5)
@@ -101,11 +104,17 @@ def test_decay_kinds_agree_without_decay_and_differ_with_it(dist_env):
     weights = {}
     for name in ("adamw", "adam_l2"):
         for wd in (0.0, 0.3):
-            cfg = load_config(None, tiny_overrides(**{"optim.name": name, "optim.weight_decay": wd}))
+            cfg = load_config(
+                None, tiny_overrides(**{"optim.name": name, "optim.weight_decay": wd})
+            )
             weights[name, wd] = engine_run(cfg, dist_env, data)[1]
     for key in weights["adamw", 0.0]:
         assert torch.equal(weights["adamw", 0.0][key], weights["adam_l2", 0.0][key])
-    differ = [k for k in weights["adamw", 0.3] if not torch.equal(weights["adamw", 0.3][k], weights["adam_l2", 0.3][k])]
+    differ = [
+        k
+        for k in weights["adamw", 0.3]
+        if not torch.equal(weights["adamw", 0.3][k], weights["adam_l2", 0.3][k])
+    ]
     assert "transformer.wte.weight" in differ
 
 
@@ -126,7 +135,9 @@ def test_bf16_zero0_matches_zero1(dist_env):
     """DeepSpeed's bf16 ZeRO-0 optimizer trap does not apply: autocast keeps one code path."""
     data = batches(STEPS)
     runs = [
-        engine_run(load_config(None, tiny_overrides(precision="bf16", zero_stage=s)), dist_env, data)
+        engine_run(
+            load_config(None, tiny_overrides(precision="bf16", zero_stage=s)), dist_env, data
+        )
         for s in (0, 1)
     ]
     assert [r.loss for r in runs[0][0]] == pytest.approx([r.loss for r in runs[1][0]], abs=1e-6)
@@ -161,7 +172,10 @@ def test_deepspeed_config_is_explicit_and_extra_keys_checked():
     cfg = load_config(None, tiny_overrides(**{"deepspeed.extra": {"gradient_clipping": 2.0}}))
     with pytest.raises(ConfigError, match="gradient_clipping"):
         deepspeed_config(cfg, 1)
-    cfg = load_config(None, tiny_overrides(**{"deepspeed.extra": {"zero_optimization": {"reduce_bucket_size": 1000}}}))
+    cfg = load_config(
+        None,
+        tiny_overrides(**{"deepspeed.extra": {"zero_optimization": {"reduce_bucket_size": 1000}}}),
+    )
     assert deepspeed_config(cfg, 1)["zero_optimization"]["reduce_bucket_size"] == 1000
     cfg = load_config(None, tiny_overrides(zero_stage=0))
     assert deepspeed_config(cfg, 1)["gradient_clipping"] == 0.0  # the gate clips on ZeRO 0

@@ -1,12 +1,13 @@
 """Parameter groups: matrices and embeddings decay, gains and biases never do."""
 
-
 from model import GPT, ModelConfig
 from optim.groups import layer_type, param_groups, split_decay
 
 
 def test_decay_groups_for_gpt_with_biases():
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128, bias=True))
+    model = GPT(
+        ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128, bias=True)
+    )
     decay, no_decay = split_decay(model)
     assert "transformer.wte.weight" in decay and "transformer.wpe.weight" in decay
     assert "transformer.h.0.attn.c_attn.weight" in decay

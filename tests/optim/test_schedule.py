@@ -36,5 +36,5 @@ def test_no_warmup_and_monotone_decay():
     cfg = CFG.model_copy(update={"warmup_steps": 0})
     lrs = [lr_at(s, cfg, 100) for s in range(101)]
     assert lrs[0] == 6e-4 and lrs[-1] == pytest.approx(6e-5)
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     assert all(math.isfinite(x) for x in lrs)

@@ -1,0 +1,23 @@
+# The two commands of the README: `make train` and `make test`. Each works on a fresh machine.
+PYTHON ?= python
+
+.PHONY: install slurm train test
+
+# torch first and pinned: resolved through another package it could pull a multi-GB CUDA build.
+install:
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+
+# Debian's SLURM and munge, for the real-cluster tests (skipped cleanly where they are absent).
+slurm:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends slurmctld slurmd slurm-client munge slurmdbd mariadb-server \
+			>/dev/null; \
+	fi
+
+train: install
+	$(PYTHON) train.py
+
+test: install slurm
+	$(PYTHON) -m pytest

@@ -10,13 +10,13 @@ so the bytes depend only on the Python version, which names the cache directory.
 import fcntl
 import importlib
 import inspect
+import json
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 from pydoc_data.topics import topics
 from types import ModuleType
-
-from data.prepare import META_FILE, TextSource, prepare
 
 # Sorted; each imports without side effects on CPython 3.11+.
 MODULES = (
@@ -54,7 +54,21 @@ def builtin_dir(data_dir: str | Path) -> Path:
 
 
 def builtin_documents() -> list[str]:
-    """The corpus as documents: one per pydoc topic, module, and public class or function."""
+    """The corpus as documents: one per pydoc topic, module, and public class or function.
+
+    They are collected by running this file in a bare interpreter (`-I -S`: the standard
+    library only), because libraries imported here can patch the standard library (torch
+    replaces `inspect.getfile`), which would change the text.
+    """
+    collect = [sys.executable, "-I", "-S", __file__]
+    result = subprocess.run(collect, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"collecting the built-in corpus failed: {last_line}")
+    return json.loads(result.stdout)
+
+
+def _collect_documents() -> list[str]:
     documents = [f"{name}\n\n{text.strip()}" for name, text in sorted(topics.items())]
     with warnings.catch_warnings():  # e.g. typing.io's deprecation when its members are listed
         warnings.simplefilter("ignore")
@@ -97,6 +111,9 @@ def prepare_builtin(data_dir: str | Path) -> Path:
     Safe when several ranks call it together: the first takes an exclusive lock and prepares,
     the others wait on the lock and then find the finished directory.
     """
+    # Imported here: this file must also run with the standard library alone (see above).
+    from data.prepare import META_FILE, TextSource, prepare
+
     out_dir = builtin_dir(data_dir)
     if (out_dir / META_FILE).exists():
         return out_dir
@@ -112,3 +129,7 @@ def prepare_builtin(data_dir: str | Path) -> Path:
             source = TextSource(description, builtin_documents())
             prepare(source, out_dir, val_fraction=VAL_FRACTION, seed=SPLIT_SEED)
     return out_dir
+
+
+if __name__ == "__main__":  # how builtin_documents runs this file; ASCII JSON on stdout
+    json.dump(_collect_documents(), sys.stdout)

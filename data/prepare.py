@@ -154,7 +154,7 @@ def _install(work_dir: Path, out_dir: Path, force: bool) -> None:
 
 def _load(source: Source, arrow_dir: Path, num_proc: int) -> tuple["Dataset", str]:
     """Any source as a `datasets.Dataset` with a `text` column, plus a one-line description."""
-    if isinstance(source, str | Path) and str(source) == OPENWEBTEXT:
+    if source == OPENWEBTEXT:  # the string only: Path("openwebtext") is a local directory
         source = HubSource(OPENWEBTEXT)
     if isinstance(source, HubSource):
         return _load_hub(source, num_proc), f"datasets.load_dataset({source.name!r})"

@@ -2,13 +2,16 @@
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-import data.builtin as builtin
+import data.prepare
 from data.builtin import MODULES, builtin_dir, builtin_documents, prepare_builtin
 
 
@@ -48,14 +51,14 @@ def test_concurrent_callers_prepare_once_and_bytes_are_reproducible(
     builtin_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real_prepare = builtin.prepare
+    real_prepare = data.prepare.prepare
 
     def counting_prepare(*args, **kwargs) -> Path:
         calls.append(args[1])
         time.sleep(0.2)  # widen the window in which the other caller could race
         return real_prepare(*args, **kwargs)
 
-    monkeypatch.setattr(builtin, "prepare", counting_prepare)
+    monkeypatch.setattr(data.prepare, "prepare", counting_prepare)
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(prepare_builtin(tmp_path))) for _ in range(3)
@@ -68,3 +71,17 @@ def test_concurrent_callers_prepare_once_and_bytes_are_reproducible(
     assert calls == [builtin_dir(tmp_path)]
     # A second, independent preparation gives byte-identical files (meta.json included).
     assert _files(builtin_dir(tmp_path)) == _files(builtin_corpus)
+
+
+def test_same_text_after_torch_patched_the_standard_library() -> None:
+    script = (
+        "import hashlib, inspect, torch; from data.builtin import builtin_documents; "
+        "assert inspect.getfile.__module__ != 'inspect'; "
+        "print(hashlib.sha256('\\0'.join(builtin_documents()).encode()).hexdigest())"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
+    )
+    expected = hashlib.sha256("\0".join(builtin_documents()).encode()).hexdigest()
+    assert result.stdout.strip() == expected

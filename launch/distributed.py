@@ -30,11 +30,21 @@ def free_port() -> int:
 
 
 def pick_device(preference: str) -> torch.device:
+    """This rank's device: `cuda:LOCAL_RANK` when it sees all of the node's GPUs (torchrun,
+    `srun --gpus-per-node`), `cuda:0` when it sees one (`srun --gpus-per-task=1`)."""
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("run.device=cuda but no CUDA device is visible (use run.device=cpu)")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    index = local_rank if count > 1 else 0
+    if index >= count:
+        raise RuntimeError(
+            f"LOCAL_RANK={local_rank} but this process sees {count} CUDA devices "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+            "start one rank per GPU"
+        )
+    return torch.device("cuda", index)
 
 
 def init_distributed(preference: str) -> DistEnv:

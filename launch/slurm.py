@@ -34,11 +34,17 @@ same pickled config with `checkpoint.resume=auto`) resumes from it in the same r
 and so continues the same wandb run (monitor/sinks.py derives the wandb id from the absolute
 run directory, which is why the out_dir is made absolute before submitting). Other ranks
 exit without writing a submitit result, so no stale result of the interrupted attempt is
-left to be read. If the loop does not stop within `grace_s` after the signal (stuck in a
-collective, a long evaluation), a SIGALRM on rank 0 falls back to submitit's immediate
-requeue, which resumes from the last complete periodic checkpoint. SIGTERM alone (scancel,
-or SLURM's own preemption) lets the harness save but never requeues: SLURM decides that.
-The debug executor runs in-process with no signal handling, so none of this applies there.
+left to be read. SLURM signals every task, so every rank's loop is told; the loop must stop
+all ranks at the same step, since the save is collective.
+
+A SIGALRM timer covers a loop that cannot answer. Not listening yet (imports, DeepSpeed init)
+or any more (teardown): look again after a few seconds, then let submitit requeue at once
+(nothing new to save). Listening but not stopping within `grace_s` (a hung collective, a long
+evaluation): submitit requeues from the last complete checkpoint before SLURM's hard kill.
+SIGTERM alone (scancel, or SLURM's own preemption) lets the harness save but never requeues:
+SLURM decides that. As `job._interrupt()` sends SIGTERM first, a fast loop may save and return
+before submitit's signal lands, so a `preempted` return waits a few seconds for it. The debug
+executor runs in-process with no signal handling at all.
 """
 
 import argparse
@@ -48,6 +54,7 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,7 +63,7 @@ from typing import Any, NoReturn
 
 import submitit
 from submitit.core.job_environment import SignalHandler
-from submitit.core.utils import DelayedSubmission
+from submitit.core.utils import DelayedSubmission, FailedJobError, FailedSubmissionError
 
 from configs import ConfigError, load_config
 from configs.schema import TrainConfig
@@ -64,6 +71,7 @@ from launch import env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXECUTORS = ("slurm", "local", "debug")
+LOCAL_SIGNAL_DELAY_S = 30  # submitit's LocalExecutor default (AutoExecutor cannot change it)
 
 
 def run_dir_of(config: TrainConfig) -> Path:
@@ -119,10 +127,12 @@ class _RequeueOnSignal:
         return True
 
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
-        if self.finished or self.requested:
-            return  # after train.run, __call__ decides from the final status
+        if self.requested:
+            return
         self.requested = True
         print(f"[launch] {signal.Signals(signum).name}: checkpoint, then requeue", flush=True)
+        if self.finished:
+            return  # train.run has returned: __call__ decides from its final status
         if not self._forward(frame):
             signal.setitimer(signal.ITIMER_REAL, self.RECHECK_S)
 
@@ -135,9 +145,17 @@ class _RequeueOnSignal:
         self.submitit_handler(self.signum, frame)  # rank 0 requeues and exits; others log
 
     def stop_timer(self) -> None:
-        """Called when train.run returns: later signals change nothing."""
+        """Called when train.run returns: later signals are only recorded."""
         self.finished = True
         signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def wait_for_request(self, timeout_s: float) -> bool:
+        """Whether submitit's signal arrives within `timeout_s`: a preemption sends SIGTERM
+        first, and a fast loop can save and return before the second signal lands."""
+        deadline = time.monotonic() + timeout_s
+        while not self.requested and time.monotonic() < deadline:
+            time.sleep(0.05)  # the handler runs in this thread, between sleeps
+        return self.requested
 
     def requeue(self) -> NoReturn:
         """Rank 0: submitit's checkpoint-and-requeue (exits); other ranks exit quietly."""
@@ -166,6 +184,10 @@ class TrainTask(submitit.helpers.Checkpointable):
         job_env = submitit.JobEnvironment()
         rendezvous = env.from_job_environment(job_env, self.master_port)
         env.apply(rendezvous)
+        if "OMP_NUM_THREADS" not in os.environ:
+            # As torchrun does: otherwise every rank starts one thread per core of the node.
+            share = max(1, (os.cpu_count() or 1) // rendezvous.local_world_size)
+            os.environ["OMP_NUM_THREADS"] = os.environ.get("SLURM_CPUS_PER_TASK") or str(share)
         print(f"[launch] {job_env} rendezvous {rendezvous}", flush=True)
         guard = _RequeueOnSignal.install(rendezvous.rank, self.grace_s)
 
@@ -175,8 +197,9 @@ class TrainTask(submitit.helpers.Checkpointable):
             if guard is not None:
                 guard.stop_timer()
         status = summary.get("status") if isinstance(summary, dict) else None
-        if guard is not None and guard.requested and status == "preempted":
-            guard.requeue()
+        if guard is not None and status == "preempted":
+            if guard.wait_for_request(guard.RECHECK_S):
+                guard.requeue()
         return summary
 
     def train(self, config: TrainConfig) -> dict[str, Any]:
@@ -248,6 +271,11 @@ class LaunchOptions:
             raise ValueError(f"--executor {self.executor} runs on this machine: use --nodes 1")
         if self.executor == "debug" and self.num_tasks_per_node != 1:
             raise ValueError("--executor debug runs one task, in this process: --tasks-per-node 1")
+        if submitit.JobEnvironment.USR_SIG in ("USR1", "TERM"):
+            raise ValueError(
+                f"SUBMITIT_PREEMPT_SIGNAL={submitit.JobEnvironment.USR_SIG} is the harness's own "
+                "preemption signal: leave it unset (USR2)"
+            )
         if self.executor == "slurm" and shutil.which("srun") is None:
             raise ValueError("no 'srun' on PATH: not a SLURM node (try --executor local)")
 
@@ -297,7 +325,9 @@ def submit(config: TrainConfig, options: LaunchOptions) -> submitit.Job:
     config = prepare_config(config)
     folder = Path(options.folder) if options.folder else run_dir_of(config) / "submitit"
     executor = make_executor(options, folder.resolve(), config.run.name)
-    grace_s = max(10.0, options.signal_delay_s - 20.0)
+    # Time to save between the signal and the kill, less a margin for the requeue itself.
+    delay_s = options.signal_delay_s if options.executor == "slurm" else LOCAL_SIGNAL_DELAY_S
+    grace_s = max(10.0, delay_s - 20.0)
     task = TrainTask(config, os.getcwd(), options.master_port, grace_s)
     return executor.submit(task)
 
@@ -420,7 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         config = prepare_config(load_config(args.config, args.overrides))
     except (ConfigError, ValueError) as err:
         parser.error(str(err))
-    job = submit(config, options)
+    try:
+        job = submit(config, options)
+    except (FailedJobError, FailedSubmissionError) as err:  # sbatch said no: show its reason
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        parser.exit(1, f"{parser.prog}: error: submission failed: {lines[-1] if lines else err}\n")
     tasks = options.nodes * options.num_tasks_per_node
     print(f"job {job.job_id} ({options.executor}, {tasks} task(s) on {options.nodes} node(s))")
     print(f"run dir {run_dir_of(config)}")

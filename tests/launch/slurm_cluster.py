@@ -50,7 +50,7 @@ class SlurmCluster:
         self.root = root
         self.partition = partition
         self.host = socket.gethostname().split(".")[0]
-        self.cpus = os.cpu_count() or 1
+        self.cpus = len(os.sched_getaffinity(0))  # what `nproc` says
         # munged wants o+x on every parent of its socket and sun_path is < 108 bytes, while
         # pytest's tmp dirs are 0700 and deep: the socket lives in its own short 0755 dir.
         self.munge_dir = Path(tempfile.mkdtemp(prefix="munge-", dir="/tmp"))

@@ -1,18 +1,25 @@
 """Atomic checkpoints of the DeepSpeed engine plus the harness state, retention and resume.
 
 On-disk layout under `<run_dir>/checkpoints/`:
-    step_00000100/        DeepSpeed's files, `rng_rank{r}.pt` per rank, `harness.json` (last)
+    step_00000100/        DeepSpeed's files, `rng_rank{r}.pt` per rank,
+                          `manifest.json` (size and CRC32 of every file), `harness.json` (last)
+    step_.../KEEP         present on checkpoints retention must never delete (reasons inside)
+    step_.../universal/   DeepSpeed's universal form, made on demand for a world-size change
     latest                the tag of the newest complete checkpoint (replaced atomically)
-    step_.../KEEP         present on checkpoints retention must never delete (reason inside)
 A checkpoint is written under `.partial-<tag>` and renamed only once every rank has finished,
-so a crash at any moment leaves the previous checkpoint loadable.
+so a crash at any moment leaves the previous checkpoint loadable; leftovers of a crashed save
+are ignored and removed by the next save. Loading verifies the manifest first, so a truncated
+or corrupted file is found before DeepSpeed reads it, identically on every rank.
 """
 
 import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -24,8 +31,12 @@ from checkpoint.config import CheckpointConfig
 from monitor.sinks import write_json_atomic
 
 HARNESS_FILE = "harness.json"
+MANIFEST_FILE = "manifest.json"
 KEEP_FILE = "KEEP"
+LATEST_FILE = "latest"
 PARTIAL_PREFIX = ".partial-"
+UNIVERSAL_DIR = "universal"
+_CHUNK_BYTES = 16 << 20
 
 
 class OptimizerKind(TypedDict):
@@ -55,13 +66,31 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(path: Path) -> int:
+    """The step in a checkpoint directory's name (`step_00000100` -> 100)."""
+    return int(path.name.removeprefix("step_"))
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
+def _gather(value: Any) -> list[Any]:
+    """Every rank's `value` (a picklable object), in rank order; `[value]` without a group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -75,36 +104,67 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def file_crc32(path: Path) -> int:
+    """CRC32 of a file, read in chunks (about 1 GB/s: cheap next to writing the file)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 class Checkpointer:
     """Saves, finds, pins, prunes and loads the checkpoints of one run directory."""
 
     def __init__(self, run_dir: Path, cfg: CheckpointConfig, rank: int, world_size: int):
-        self.dir = run_dir / "checkpoints"
+        self.dir = Path(run_dir) / "checkpoints"
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
 
     # --- finding ---------------------------------------------------------------------------
 
-    def complete(self) -> list[Path]:
-        """Complete checkpoints (those with a harness file), oldest first."""
+    def published(self) -> list[Path]:
+        """Every renamed (published) checkpoint directory, readable or not, oldest first."""
         if not self.dir.is_dir():
             return []
-        found = [p for p in self.dir.glob("step_*") if (p / HARNESS_FILE).is_file()]
-        return sorted(found, key=lambda p: p.name)
+        found = [p for p in self.dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+        return sorted(found, key=step_of)
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints (those with a harness file), oldest first."""
+        return [p for p in self.published() if (p / HARNESS_FILE).is_file()]
+
+    def pointer(self) -> Path | None:
+        """The checkpoint `latest` names, if that is a published directory."""
+        pointer = self.dir / LATEST_FILE
+        try:
+            path = self.dir / pointer.read_text().strip()
+        except OSError:
+            return None
+        return path if path.name.startswith("step_") and path.is_dir() else None
 
     def latest(self) -> Path | None:
-        pointer = self.dir / "latest"
-        if pointer.is_file():
-            path = self.dir / pointer.read_text().strip()
-            if (path / HARNESS_FILE).is_file():
-                return path
-        found = self.complete()
-        return found[-1] if found else None
+        """The checkpoint a resume tries first, if it is complete."""
+        found = [p for p in self.candidates() if (p / HARNESS_FILE).is_file()]
+        return found[0] if found else None
+
+    def candidates(self) -> list[Path]:
+        """Published checkpoints in the order a resume tries them: `latest` first, then older.
+
+        Checkpoints newer than the one `latest` names are left out: they are from before a
+        rollback, on the abandoned trajectory. Without a valid pointer, newest step first.
+        """
+        published = self.published()
+        pointed = self.pointer()
+        if pointed is None:
+            return published[::-1]
+        older = [p for p in published if step_of(p) < step_of(pointed)]
+        return [pointed, *older[::-1]]
 
     def before(self, step: int) -> Path | None:
         """The newest complete checkpoint taken strictly before `step`."""
-        earlier = [p for p in self.complete() if read_harness(p)["step"] < step]
+        earlier = [p for p in self.complete() if step_of(p) < step]
         return earlier[-1] if earlier else None
 
     # --- saving ----------------------------------------------------------------------------
@@ -114,61 +174,226 @@ class Checkpointer:
         tag = tag_for(state["step"])
         partial = self.dir / f"{PARTIAL_PREFIX}{tag}"
         if self.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
             self.dir.mkdir(parents=True, exist_ok=True)
+            self.remove_partials()
         _barrier()
         engine.save_checkpoint(str(self.dir), tag=partial.name, save_latest=False)
         torch.save(rng_state(), partial / f"rng_rank{self.rank}.pt")
         _barrier()
+        manifest = self._manifest(partial)
         final = self.dir / tag
         if self.rank == 0:
-            write_json_atomic(partial / HARNESS_FILE, state)
+            write_json_atomic(partial / MANIFEST_FILE, manifest)
+            write_json_atomic(partial / HARNESS_FILE, state)  # last: marks the files complete
+            _fsync_dir(partial)
             if final.exists():  # the same step again, after a rollback: the newer one wins
                 shutil.rmtree(final)
             os.replace(partial, final)
-            write_text_atomic(self.dir / "latest", tag)
+            write_text_atomic(self.dir / LATEST_FILE, tag)
+            _fsync_dir(self.dir)
             self.prune()
         _barrier()
         return final
 
+    def _manifest(self, directory: Path) -> dict[str, dict[str, int]]:
+        """Size and CRC32 of every file in `directory`, the hashing shared out across ranks."""
+        files = sorted(p for p in directory.iterdir() if p.is_file())
+        files = files[self.rank :: self.world_size]
+        mine = {f.name: {"bytes": f.stat().st_size, "crc32": file_crc32(f)} for f in files}
+        return {k: v for part in _gather(mine) for k, v in sorted(part.items())}
+
+    def remove_partials(self) -> None:
+        """Delete what crashed saves or conversions left behind (rank 0, between saves)."""
+        for path in self.dir.glob(f"{PARTIAL_PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in self.dir.glob(f"step_*/{PARTIAL_PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)
+
     def pin(self, path: Path, reason: str) -> None:
-        """Keep `path` for the life of the run (a last-good checkpoint, a milestone)."""
-        if self.rank == 0 and path.is_dir():
-            with open(path / KEEP_FILE, "a") as f:
+        """Keep `path` for the life of the run (a last-good checkpoint); idempotent per reason."""
+        if self.rank != 0 or not path.is_dir():
+            return
+        keep = path / KEEP_FILE
+        reasons = keep.read_text().splitlines() if keep.is_file() else []
+        if reason not in reasons:
+            with open(keep, "a") as f:
                 f.write(reason + "\n")
 
+    def is_kept(self, path: Path) -> bool:
+        """Pinned, or a milestone (every `milestone_interval` steps, step 0 excluded)."""
+        every, step = self.cfg.milestone_interval, step_of(path)
+        return (path / KEEP_FILE).exists() or bool(every and step > 0 and step % every == 0)
+
     def prune(self) -> None:
-        """Delete periodic checkpoints beyond the last `keep_last`, except pinned ones."""
-        every = self.cfg.milestone_interval
+        """Delete complete checkpoints beyond the last `keep_last`, except kept ones.
+
+        The one `latest` names is never deleted, nor are unreadable ones (a resume reports them).
+        """
+        pointed = self.pointer()
         for path in self.complete()[: -self.cfg.keep_last]:
-            step = read_harness(path)["step"]
-            if (path / KEEP_FILE).exists() or (every and step % every == 0):
-                continue
-            shutil.rmtree(path, ignore_errors=True)
+            if path != pointed and not self.is_kept(path):
+                shutil.rmtree(path, ignore_errors=True)
 
     # --- loading ---------------------------------------------------------------------------
 
-    def load(self, engine, path: Path) -> HarnessState:
-        """Restore `engine` and this rank's RNG from `path`; return the harness state."""
-        state = read_harness(path)
-        loaded, _ = engine.load_checkpoint(
-            str(path.parent),
-            tag=path.name,
-            load_module_strict=True,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
+    def resume(self, engine, candidates: list[Path]) -> tuple[Path, HarnessState]:
+        """Load the first of `candidates` that loads, warning about each one that does not.
+
+        Raises a one-line `CheckpointError` if none does: checkpoints exist, so silently
+        starting afresh would throw away the run.
+        """
+        failures = []
+        for path in candidates:
+            try:
+                return path, self.load(engine, path)
+            except CheckpointError as err:
+                failures.append(str(err))
+                if self.rank == 0:
+                    warn(f"{err}; trying the previous checkpoint")
+        raise CheckpointError(
+            f"no checkpoint in {self.dir} could be loaded ({'; '.join(failures)}); to start "
+            "afresh use a new run.name or checkpoint.resume=never"
         )
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
+
+    def load(self, engine, path: Path, rng: bool = True) -> HarnessState:
+        """Restore `engine` and (with `rng`) this rank's RNG from `path`; return the harness state.
+
+        Every rank reaches the same verdict: a failure on any rank is a `CheckpointError` on all.
+        """
+        state = read_harness(path)
+        self._verify(path)
+        load_dir, tag = path.parent, path.name
+        if getattr(engine, "load_universal_checkpoint", lambda: False)():
+            load_dir, tag = path, self.universal(path).name
+        # The config decides the hyperparameters, the checkpoint only the state: torch's
+        # load_state_dict would bring back the saved ones (a forced change of weight decay would
+        # not take), and DeepSpeed's ZeRO-3 universal load copies group 0's into every group
+        # (decaying LayerNorm gains).
+        groups = engine.optimizer.param_groups
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        error = None
+        try:
+            loaded, _ = engine.load_checkpoint(
+                str(load_dir),
+                tag=tag,
+                load_module_strict=True,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+            if loaded is None:
+                error = "DeepSpeed found no model states in it"
+        except Exception as err:  # DeepSpeed raises anything from torch.load to KeyError
+            error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        errors = [e for e in _gather(error) if e is not None]
+        if errors:
+            raise CheckpointError(f"checkpoint {path} did not load ({errors[0]})")
+        _repair_optimizer(engine, hyper)
         rng_file = path / f"rng_rank{self.rank}.pt"
-        if state["world_size"] == self.world_size and rng_file.is_file():
+        if rng and state["world_size"] == self.world_size and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         return state
+
+    def _verify(self, path: Path) -> None:
+        """Check every file against the manifest (the CRCs shared out across ranks)."""
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(
+                f"checkpoint {path} has no readable {MANIFEST_FILE}: {err}"
+            ) from None
+        problem = None
+        for i, (name, entry) in enumerate(sorted(manifest.items())):
+            file = path / name
+            if not file.is_file():
+                problem = f"{name} is missing"
+            elif (size := file.stat().st_size) != entry["bytes"]:
+                problem = f"{name} has {size} bytes, {entry['bytes']} were written: truncated"
+            elif i % self.world_size == self.rank and file_crc32(file) != entry["crc32"]:
+                problem = f"{name} does not match its CRC32: corrupted"
+            if problem:
+                break
+        problems = [p for p in _gather(problem) if p is not None]
+        if problems:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problems[0]}")
+
+    def universal(self, path: Path) -> Path:
+        """`path` in DeepSpeed's universal (world-size independent) form, converted once."""
+        target = path / UNIVERSAL_DIR
+        error = None
+        if self.rank == 0 and not (target / "zero").is_dir():
+            error = to_universal(path, target)
+        errors = [e for e in _gather(error) if e is not None]
+        if errors:
+            raise CheckpointError(
+                f"checkpoint {path} could not be converted to a universal checkpoint: {errors[0]}"
+            )
+        return target
+
+
+def _repair_optimizer(engine, hyper: list[dict[str, Any]]) -> None:
+    """Undo two things a load does to the optimizer (DeepSpeed 0.19's ZeRO-3 universal load).
+
+    It copies group 0's hyperparameters into every group, and gives every group one shared
+    `step` tensor, which torch's Adam then advances once per group per step (wrong bias
+    correction from the second step on). Hyperparameters come back from `hyper`, taken before
+    the load; each state gets its own `step`.
+    """
+    for group, values in zip(engine.optimizer.param_groups, hyper, strict=True):
+        group.update(values)
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def to_universal(path: Path, target: Path) -> str | None:
+    """Run DeepSpeed's `ds_to_universal` on `path` into `target`; an error line or None.
+
+    A subprocess: the converter forks workers and prints progress, neither of which belongs in
+    a training process. Written under a partial name and renamed, like a checkpoint.
+    """
+    partial = path / f"{PARTIAL_PREFIX}{UNIVERSAL_DIR}"
+    shutil.rmtree(partial, ignore_errors=True)
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(path),
+        "--output_folder",
+        str(partial),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        workers,
+        "--num_merge_workers",
+        workers,
+    ]
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    (path / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer
+    if result.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        return lines[-1] if lines else f"ds_to_universal exited with {result.returncode}"
+    os.replace(partial, target)
+    return None
+
+
+def needs_universal(harness: HarnessState | None, world_size: int, zero_stage: int) -> bool:
+    """Whether resuming from `harness` needs DeepSpeed's universal checkpoint loading.
+
+    ZeRO 1-3 partition the optimizer state by rank, so another world size (or, with
+    `force_resume`, another stage) needs the conversion; ZeRO 0 saves it whole.
+    """
+    if harness is None or zero_stage == 0 or harness["zero_stage"] == 0:
+        return False
+    return harness["world_size"] != world_size or harness["zero_stage"] != zero_stage
 
 
 def read_harness(path: Path) -> HarnessState:
     try:
-        return json.loads((path / HARNESS_FILE).read_text())
+        return json.loads((Path(path) / HARNESS_FILE).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint {path} has no readable {HARNESS_FILE}: {err}") from None
 
@@ -177,6 +402,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
     os.replace(partial, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (a crash of the node, not just the process)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def warn(message: str) -> None:

@@ -1,10 +1,9 @@
-"""Which checkpoint a run starts from, and whether its config may continue it."""
+"""Which checkpoints a run may resume from, and whether its config may continue them."""
 
-import warnings
 from pathlib import Path
 from typing import Any
 
-from checkpoint.manager import Checkpointer, CheckpointError, HarnessState, read_harness
+from checkpoint.manager import Checkpointer, CheckpointError, HarnessState, read_harness, warn
 from configs.schema import TrainConfig
 
 # Keys whose change would silently make a different run; the rest (steps, intervals, logging,
@@ -23,11 +22,15 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def changed_keys(saved: dict[str, Any], cfg: TrainConfig, world_size: int) -> list[str]:
-    """Run-defining keys that differ between a checkpoint's config and `cfg`."""
+    """Run-defining keys that differ between a checkpoint's config and `cfg`.
+
+    The global batch counts as one key: how it is split into ranks and accumulation steps may
+    change (the data order depends only on the global batch), its size may not.
+    """
     old = _flatten(saved)
     new = _flatten(cfg.model_dump(mode="json"))
     changed = [
-        key
+        f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
         for key in sorted(set(old) | set(new))
         if key.startswith(RUN_DEFINING) and old.get(key) != new.get(key)
     ]
@@ -38,30 +41,60 @@ def changed_keys(saved: dict[str, Any], cfg: TrainConfig, world_size: int) -> li
     return changed
 
 
-def select_resume(ckpt: Checkpointer, cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from: `resume=auto` takes the newest readable one."""
+def select_resume(ckpt: Checkpointer, cfg: TrainConfig, world_size: int) -> list[Path]:
+    """The checkpoints to try, best first; empty for a fresh start.
+
+    `resume=auto` offers every published checkpoint from `latest` back (the loader falls back
+    along this list when one does not load); `never` none; a path exactly that one. The config
+    is checked against the first, before anything is built or written.
+    """
     mode = cfg.checkpoint.resume
     if mode == "never":
-        return None
+        return []
     if mode != "auto":
         path = Path(mode)
-        read_harness(path)  # a one-line CheckpointError if it is not a checkpoint
-        return path
-    candidates = ckpt.complete()
-    latest = ckpt.latest()
-    if latest is not None and latest in candidates:
-        candidates.remove(latest)
-        candidates.append(latest)
-    for path in reversed(candidates):
+        check_compatible(read_harness(path), cfg, world_size, path)
+        return [path]
+    usable = []
+    for path in ckpt.candidates():
         try:
             read_harness(path)
-            return path
         except CheckpointError as err:
-            warnings.warn(f"skipping unreadable checkpoint: {err}", stacklevel=2)
-    return None
+            if ckpt.rank == 0:
+                warn(f"skipping unreadable checkpoint: {err}")
+            continue
+        usable.append(path)
+    if not usable and ckpt.published():
+        raise CheckpointError(
+            f"checkpoints exist in {ckpt.dir} but none has a readable harness.json; to start "
+            "afresh use a new run.name or checkpoint.resume=never"
+        )
+    if usable:
+        check_compatible(read_harness(usable[0]), cfg, world_size, usable[0])
+    return usable
+
+
+def select_init(cfg: TrainConfig, resume_from: list[Path]) -> Path | None:
+    """The checkpoint `checkpoint.init_from` names, for a run that has none of its own yet.
+
+    A requeued or restarted run resumes its own checkpoints instead. Only the model must match:
+    the rest (learning rate, schedule, steps, even weight decay) is what a new run changes.
+    """
+    if resume_from or cfg.checkpoint.init_from is None:
+        return None
+    path = Path(cfg.checkpoint.init_from)
+    saved = _flatten({"model": read_harness(path)["config"]["model"]})
+    new = _flatten({"model": cfg.model.model_dump(mode="json")})
+    changed = [f"{k} ({saved.get(k)!r} -> {new.get(k)!r})" for k in new if saved.get(k) != new[k]]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint.init_from={path} holds another model: {', '.join(changed)}"
+        )
+    return path
 
 
 def check_compatible(state: HarnessState, cfg: TrainConfig, world_size: int, path: Path) -> None:
+    """Refuse a resume whose config would silently make another run (unless forced)."""
     changed = changed_keys({**state["config"], "world_size": state["world_size"]}, cfg, world_size)
     if changed and not cfg.checkpoint.force_resume:
         raise CheckpointError(

@@ -25,8 +25,14 @@ from optim.groups import param_groups
 Veto = Callable[[int, float, float], bool]
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The complete DeepSpeed config; nothing is left to DeepSpeed's silent defaults."""
+def deepspeed_config(
+    cfg: TrainConfig, world_size: int, load_universal: bool = False
+) -> dict[str, Any]:
+    """The complete DeepSpeed config; nothing is left to DeepSpeed's silent defaults.
+
+    `load_universal`: the checkpoint to resume is loaded in DeepSpeed's universal form (another
+    world size); DeepSpeed reads this only at `initialize`, so the checkpointer decides it first.
+    """
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     config: dict[str, Any] = {
         "train_batch_size": micro * accum * world_size,
@@ -50,6 +56,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_predivide_factor": 1.0,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
     _merge_extra(config, cfg.deepspeed.extra, "deepspeed.extra")
     return config
@@ -173,7 +180,13 @@ class UpdateGate:
         return [p for g in groups for p in g["params"] if p.grad is not None]
 
 
-def initialize(model: torch.nn.Module, cfg: TrainConfig, world_size: int, device: torch.device):
+def initialize(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    world_size: int,
+    device: torch.device,
+    load_universal: bool = False,
+):
     """`deepspeed.initialize` on our gated optimizer and generated config: (engine, optimizer)."""
     import deepspeed
     from deepspeed.utils import logger
@@ -183,7 +196,7 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, world_size: int, device
     logger.setLevel("ERROR")
     optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg, device)
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size)
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, load_universal)
     )
     return engine, optimizer
 

@@ -1,0 +1,213 @@
+"""The checkpointer's file handling with a stand-in engine: atomicity, finding, retention,
+verification, fallback; plus the preemption flag and the resume rules."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint.config import CheckpointConfig
+from checkpoint.manager import (
+    HARNESS_FILE,
+    KEEP_FILE,
+    MANIFEST_FILE,
+    Checkpointer,
+    CheckpointError,
+    needs_universal,
+    tag_for,
+)
+from checkpoint.preemption import PreemptionFlag
+from checkpoint.resume import changed_keys, check_compatible, select_resume
+from configs import load_config
+
+
+class FileEngine:
+    """Saves and loads one tensor the way DeepSpeed lays out a ZeRO-0 checkpoint."""
+
+    def __init__(self, value: float = 0.0):
+        self.weight = torch.full((64,), value)
+        self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
+        path = Path(save_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": self.weight.clone()}, path / "mp_rank_00_model_states.pt")
+
+    def load_checkpoint(self, load_dir: str, tag: str, **kwargs) -> tuple[str, dict]:
+        file = Path(load_dir) / tag / "mp_rank_00_model_states.pt"
+        self.weight = torch.load(file, weights_only=True)["module"]
+        return str(file.parent), {}
+
+
+def state(step: int) -> dict:
+    return {
+        "step": step,
+        "tokens": 64 * step,
+        "loader": {"position": step},
+        "monitor": {},
+        "optimizer": {"name": "adamw", "decoupled": True, "weight_decay": 0.1},
+        "config": {},
+        "world_size": 1,
+        "zero_stage": 0,
+    }
+
+
+def make(tmp_path: Path, **cfg) -> Checkpointer:
+    return Checkpointer(tmp_path, CheckpointConfig(**cfg), rank=0, world_size=1)
+
+
+def save_steps(ckpt: Checkpointer, steps) -> None:
+    for step in steps:
+        ckpt.save(FileEngine(float(step)), state(step))
+
+
+def steps_on_disk(ckpt: Checkpointer) -> list[int]:
+    return [int(p.name[5:]) for p in ckpt.published()]
+
+
+def test_save_publishes_complete_checkpoints_and_the_pointer(tmp_path):
+    ckpt = make(tmp_path, keep_last=5)
+    save_steps(ckpt, [0, 2])
+    path = ckpt.dir / tag_for(2)
+    assert (ckpt.dir / "latest").read_text() == tag_for(2)
+    assert json.loads((path / HARNESS_FILE).read_text())["step"] == 2
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    assert set(manifest) == {"mp_rank_00_model_states.pt", "rng_rank0.pt"}
+    assert manifest["rng_rank0.pt"]["bytes"] == (path / "rng_rank0.pt").stat().st_size
+    assert not list(ckpt.dir.glob(".partial-*"))
+
+
+def test_a_crashed_save_is_ignored_then_cleaned(tmp_path):
+    ckpt = make(tmp_path, keep_last=5)
+    save_steps(ckpt, [0, 2])
+    # a save killed midway: DeepSpeed's files written, no harness, never renamed
+    FileEngine(4.0).save_checkpoint(str(ckpt.dir), ".partial-" + tag_for(4), False)
+    assert ckpt.latest() == ckpt.dir / tag_for(2)
+    assert ckpt.candidates() == [ckpt.dir / tag_for(2), ckpt.dir / tag_for(0)]
+    engine = FileEngine()
+    assert ckpt.resume(engine, ckpt.candidates())[1]["step"] == 2
+    assert torch.equal(engine.weight, torch.full((64,), 2.0))
+    save_steps(ckpt, [4])
+    assert not list(ckpt.dir.glob(".partial-*"))
+    assert steps_on_disk(ckpt) == [0, 2, 4]
+
+
+def test_latest_pointer_to_a_missing_checkpoint_falls_back_to_the_newest(tmp_path):
+    ckpt = make(tmp_path, keep_last=5)
+    save_steps(ckpt, [0, 2, 4])
+    (ckpt.dir / "latest").write_text(tag_for(6))
+    assert ckpt.candidates()[0] == ckpt.dir / tag_for(4)
+    (ckpt.dir / "latest").unlink()
+    assert ckpt.latest() == ckpt.dir / tag_for(4)
+
+
+def test_checkpoints_newer_than_latest_are_abandoned_ones(tmp_path):
+    """After a rollback the loop saves step 4 again; step 6 is from the dropped trajectory."""
+    ckpt = make(tmp_path, keep_last=5)
+    save_steps(ckpt, [0, 2, 4, 6, 4])
+    assert ckpt.candidates() == [ckpt.dir / tag_for(s) for s in (4, 2, 0)]
+
+
+def test_retention_keeps_the_last_k_pinned_and_milestones(tmp_path):
+    ckpt = make(tmp_path, keep_last=2, milestone_interval=4)
+    save_steps(ckpt, range(0, 2))
+    ckpt.pin(ckpt.dir / tag_for(1), "last good before the detection at step 2")
+    ckpt.pin(ckpt.dir / tag_for(1), "last good before the detection at step 2")
+    save_steps(ckpt, range(2, 11))
+    assert steps_on_disk(ckpt) == [1, 4, 8, 9, 10]
+    keep = (ckpt.dir / tag_for(1) / KEEP_FILE).read_text()
+    assert keep == "last good before the detection at step 2\n"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:-10]), "truncated"),
+        (lambda f: f.write_bytes(f.read_bytes()[:-10] + b"\0" * 10), "CRC32"),
+        (lambda f: f.unlink(), "missing"),
+    ],
+)
+def test_damage_is_found_before_loading_and_the_previous_one_loads(tmp_path, damage, message):
+    ckpt = make(tmp_path, keep_last=5)
+    save_steps(ckpt, [0, 2])
+    damage(ckpt.dir / tag_for(2) / "mp_rank_00_model_states.pt")
+    engine = FileEngine()
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.load(engine, ckpt.dir / tag_for(2))
+    with pytest.warns(UserWarning, match=f"{message}.*trying the previous checkpoint"):
+        path, loaded = ckpt.resume(engine, ckpt.candidates())
+    assert path == ckpt.dir / tag_for(0) and loaded["step"] == 0
+    assert torch.equal(engine.weight, torch.zeros(64))
+
+
+def test_none_loading_is_one_line_error(tmp_path):
+    ckpt = make(tmp_path, keep_last=5)
+    save_steps(ckpt, [0, 2])
+    for path in ckpt.published():
+        (path / "mp_rank_00_model_states.pt").unlink()
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError) as err:
+        ckpt.resume(FileEngine(), ckpt.candidates())
+    assert "\n" not in str(err.value) and "could be loaded" in str(err.value)
+
+
+def test_select_resume_skips_unreadable_harness_but_never_starts_afresh(tmp_path):
+    cfg = load_config(None, [f"run.out_dir={tmp_path}", "run.name=run"])
+    ckpt = Checkpointer(tmp_path / "run", cfg.checkpoint, rank=0, world_size=1)
+    assert select_resume(ckpt, cfg, 1) == []
+    for step in (0, 2):
+        engine = FileEngine()
+        ckpt.save(engine, {**state(step), "config": cfg.model_dump(mode="json")})
+    (ckpt.dir / tag_for(2) / HARNESS_FILE).write_text("{")
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
+        assert select_resume(ckpt, cfg, 1) == [ckpt.dir / tag_for(0)]
+    (ckpt.dir / tag_for(0) / HARNESS_FILE).unlink()
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="none has a readable"):
+        select_resume(ckpt, cfg, 1)
+    cfg.checkpoint.resume = "never"
+    assert select_resume(ckpt, cfg, 1) == []
+
+
+def test_changed_keys_allow_harmless_and_world_size_changes():
+    saved = load_config(None, ["train.micro_batch_size=4"]).model_dump(mode="json")
+    saved["world_size"] = 1
+    harmless = ["train.max_steps=9", "train.log_interval=1", "train.eval_interval=3"]
+    assert changed_keys(saved, load_config(None, harmless + ["train.micro_batch_size=4"]), 1) == []
+    assert changed_keys(saved, load_config(None, ["train.micro_batch_size=2"]), 2) == []
+    assert changed_keys(saved, load_config(None, ["train.micro_batch_size=1"]), 2) == [
+        "global batch (train.micro_batch_size x train.grad_accum_steps x ranks)"
+    ]
+    changed = changed_keys(saved, load_config(None, ["train.micro_batch_size=4", "run.seed=1"]), 1)
+    assert changed == ["run.seed (1337 -> 1)"]
+
+
+def test_check_compatible_is_overridden_by_force_resume():
+    saved = {"config": load_config(None, []).model_dump(mode="json"), "world_size": 1}
+    with pytest.raises(CheckpointError, match=r"optim.name \('adamw' -> 'adam_l2'\)"):
+        check_compatible(saved, load_config(None, ["optim.name=adam_l2"]), 1, Path("ckpt"))
+    forced = load_config(None, ["optim.name=adam_l2", "checkpoint.force_resume=true"])
+    check_compatible(saved, forced, 1, Path("ckpt"))
+
+
+@pytest.mark.parametrize(
+    "saved_ranks, saved_stage, ranks, stage, expected",
+    [(2, 1, 1, 1, True), (1, 3, 2, 3, True), (2, 2, 2, 2, False), (2, 0, 1, 0, False)],
+)
+def test_needs_universal(saved_ranks, saved_stage, ranks, stage, expected):
+    harness = {**state(0), "world_size": saved_ranks, "zero_stage": saved_stage}
+    assert needs_universal(harness, ranks, stage) is expected
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_flag_catches_the_scheduler_signals(sig):
+    before = signal.getsignal(sig)
+    flag = PreemptionFlag().install()
+    try:
+        assert not flag.requested
+        os.kill(os.getpid(), sig)
+        assert flag.requested and flag.signal_name == sig.name
+    finally:
+        flag.uninstall()
+    assert signal.getsignal(sig) == before

@@ -1,5 +1,6 @@
 """Load a `TrainConfig` from YAML plus dotted `key=value` overrides, with one-line errors."""
 
+import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,14 +61,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     path = key.strip().split(".")
-    if key.strip() not in _known_keys(TrainConfig) and path[:2] != ["deepspeed", "extra"]:
-        sections = sorted({k.split(".")[0] for k in _known_keys(TrainConfig)})
-        close = [k for k in _known_keys(TrainConfig) if k.split(".")[-1] == path[-1]]
-        hint = (
-            f" (did you mean {', '.join(close)}?)"
-            if close
-            else f" (sections: {', '.join(sections)})"
-        )
+    known = _known_keys(TrainConfig)
+    if key.strip() not in known and path[:2] != ["deepspeed", "extra"]:
+        close = difflib.get_close_matches(key.strip(), known, n=3, cutoff=0.6)
+        sections = ", ".join(sorted({k.split(".")[0] for k in known}))
+        hint = f" (did you mean {' or '.join(close)}?)" if close else f" (sections: {sections})"
         raise ConfigError(f"unknown config key '{key}'{hint}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""

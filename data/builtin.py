@@ -11,6 +11,7 @@ import fcntl
 import importlib
 import inspect
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -106,28 +107,81 @@ def _section(title: str, doc: str | None) -> str:
 
 
 def prepare_builtin(data_dir: str | Path) -> Path:
-    """Prepare the corpus on first use and return its directory; later calls return at once.
-
-    Safe when several ranks call it together: the first takes an exclusive lock and prepares,
-    the others wait on the lock and then find the finished directory.
-    """
+    """Prepare the corpus on first use and return its directory; later calls return at once."""
     # Imported here: this file must also run with the standard library alone (see above).
-    from data.prepare import META_FILE, TextSource, prepare
+    from data.prepare import TextSource, prepare
 
-    out_dir = builtin_dir(data_dir)
+    def build(out_dir: Path) -> None:
+        version = sys.version.split()[0]
+        description = (
+            f"builtin: Python {version} pydoc topics and docstrings of "
+            f"{len(MODULES)} standard-library modules"
+        )
+        prepare(
+            TextSource(description, builtin_documents()),
+            out_dir,
+            val_fraction=VAL_FRACTION,
+            seed=SPLIT_SEED,
+        )
+
+    return _prepare_once(builtin_dir(data_dir), build)
+
+
+def prepare_builtin_compact(data_dir: str | Path) -> Path:
+    """The built-in corpus with its GPT-2 ids renumbered densely, in id order.
+
+    About 10k distinct ids occur (9,885 on CPython 3.11.7), so a model needs a 10,240-row
+    embedding instead of 50,304: at width 128 the output layer stops being ~90% of the FLOPs,
+    and CPU runs are about 3x faster. `gpt2_ids.npy` maps a compact id back to GPT-2's.
+    """
+    import numpy as np
+
+    from data.prepare import META_FILE, file_sha256
+
+    full = prepare_builtin(data_dir)
+
+    def build(out_dir: Path) -> None:
+        meta = json.loads((full / META_FILE).read_text())
+        splits = {
+            name: np.fromfile(full / e["file"], dtype="<u2") for name, e in meta["splits"].items()
+        }
+        ids = np.unique(np.concatenate(list(splits.values())))
+        table = np.zeros(2**16, dtype="<u2")
+        table[ids] = np.arange(len(ids), dtype="<u2")
+        work = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        np.save(work / "gpt2_ids.npy", ids.astype("<u2"))
+        for name, entry in meta["splits"].items():
+            table[splits[name]].tofile(work / entry["file"])
+            entry["sha256"] = file_sha256(work / entry["file"])
+        meta.update(
+            tokenizer="gpt2-compact",
+            vocab_size=int(len(ids)),
+            eot_token=int(table[meta["eot_token"]]),
+            source=meta["source"] + "; ids renumbered densely (gpt2_ids.npy maps them back)",
+        )
+        (work / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        work.rename(out_dir)
+
+    return _prepare_once(full.with_name(full.name.replace("builtin", "builtin-compact")), build)
+
+
+def _prepare_once(out_dir: Path, build) -> Path:
+    """Run `build(out_dir)` once per machine; safe when several ranks call it together.
+
+    The first caller takes an exclusive lock and builds, the others wait on the lock and then
+    find the finished directory (a `meta.json` in it means finished).
+    """
+    from data.prepare import META_FILE
+
     if (out_dir / META_FILE).exists():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(out_dir.with_name(out_dir.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not (out_dir / META_FILE).exists():
-            version = sys.version.split()[0]
-            description = (
-                f"builtin: Python {version} pydoc topics and docstrings of "
-                f"{len(MODULES)} standard-library modules"
-            )
-            source = TextSource(description, builtin_documents())
-            prepare(source, out_dir, val_fraction=VAL_FRACTION, seed=SPLIT_SEED)
+            build(out_dir)
     return out_dir
 
 

@@ -8,7 +8,8 @@ from configs.base import Section
 class DataConfig(Section):
     dataset: str = Field(
         "builtin",
-        description="'builtin' (zero-download corpus), 'openwebtext', or a prepared directory",
+        description="'builtin' (zero-download corpus), 'builtin-compact' (the same, ids "
+        "renumbered to a 10k vocabulary), 'openwebtext', or a prepared directory",
     )
     data_dir: str = Field(
         "data/cache", description="where 'builtin' and 'openwebtext' are prepared and looked up"

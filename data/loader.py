@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.builtin import prepare_builtin
+from data.builtin import prepare_builtin, prepare_builtin_compact
 from data.config import DataConfig
 from data.prepare import META_FILE, OPENWEBTEXT, DataError, file_sha256
 from data.tokenizer import VOCAB_SIZE
@@ -32,6 +32,8 @@ def resolve_dataset(cfg: DataConfig) -> Path:
     """The prepared directory that `data.dataset` names; prepares the built-in corpus if needed."""
     if cfg.dataset == "builtin":
         return prepare_builtin(cfg.data_dir)
+    if cfg.dataset == "builtin-compact":
+        return prepare_builtin_compact(cfg.data_dir)
     if cfg.dataset == OPENWEBTEXT:
         path = Path(cfg.data_dir) / OPENWEBTEXT
         if not (path / META_FILE).is_file():
@@ -43,8 +45,8 @@ def resolve_dataset(cfg: DataConfig) -> Path:
     path = Path(cfg.dataset)
     if not (path / META_FILE).is_file():
         raise DataError(
-            f"data.dataset={cfg.dataset!r} is not 'builtin', 'openwebtext' or a prepared "
-            f"directory (no {META_FILE} in it); make one with `python -m data.prepare`"
+            f"data.dataset={cfg.dataset!r} is not 'builtin', 'builtin-compact', 'openwebtext' "
+            f"or a prepared directory (no {META_FILE} in it): run `python -m data.prepare`"
         )
     return path
 

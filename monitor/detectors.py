@@ -25,9 +25,10 @@ DetectionKind = Literal["nonfinite", "spike", "drift", "attn_logit", "output_log
 
 # The robust std of a normal sample is 1.4826 x its median absolute deviation.
 MAD_TO_STD = 1.4826
-# Grad norms live on no fixed scale (they shrink by orders of magnitude early in training), so their
-# spike detector floors the robust std at a fraction of the median instead of an absolute value.
-GRAD_NORM_RELATIVE_FLOOR = 0.05
+# Grad norms live on no fixed scale (they shrink by orders of magnitude early in training) and are
+# close to log-normal, so their spike detector works on log(grad norm), with its robust std
+# floored at log(1.05): a 5% relative spread.
+GRAD_NORM_LOG_FLOOR = math.log(1.05)
 # Keeps a z-score finite when a window is perfectly constant and every floor is zero.
 _MIN_SCALE = 1e-12
 STATE_VERSION = 1
@@ -118,6 +119,10 @@ class SpikeDetector:
     noise into "spikes" (OLMo-core floors its std the same way). Only upward spikes count; a sudden
     drop of the loss is good news.
 
+    With `log_scale`, values are judged as logarithms: right-skewed metrics such as the gradient
+    norm are close to log-normal, and a linear median/MAD raises false alarms on their ordinary
+    upper tail (seen on small-batch CPU runs: dozens per run). The floor is then in log units.
+
     A flagged value is NOT added to the window. A run of spikes then keeps being flagged instead of
     dragging the median up until it looks normal, and the baseline that a resumed or skipped step
     is judged against stays clean. The price: a genuine, lasting upward level shift is flagged on
@@ -132,6 +137,7 @@ class SpikeDetector:
         sigma: float,
         std_floor: float,
         relative_floor: float = 0.0,
+        log_scale: bool = False,
     ) -> None:
         if window < 2:
             raise ValueError(f"window must be at least 2, got {window}")
@@ -142,7 +148,14 @@ class SpikeDetector:
         self.sigma = sigma
         self.std_floor = std_floor
         self.relative_floor = relative_floor
+        self.log_scale = log_scale
         self._values: deque[float] = deque(maxlen=window)
+
+    def _judged(self, value: float) -> float | None:
+        """The value on the scale it is judged on; None when it cannot be judged."""
+        if not math.isfinite(value) or (self.log_scale and value <= 0):
+            return None
+        return math.log(value) if self.log_scale else value
 
     @property
     def ready(self) -> bool:
@@ -159,28 +172,33 @@ class SpikeDetector:
     def score(self, value: float) -> float | None:
         """Robust z-score of `value` against the window; None ("no verdict") until it is full
         or when `value` is not finite (that is `NonFiniteDetector`'s to report)."""
-        if not self.ready or not math.isfinite(value):
+        judged = self._judged(value)
+        if not self.ready or judged is None:
             return None
         center, scale = self._center_and_scale()
-        return (value - center) / scale
+        return (judged - center) / scale
 
     def update(self, step: int, value: float) -> Detection | None:
         """Judge `value`, then add it to the window unless it was flagged or not finite."""
-        if not math.isfinite(value):
+        judged = self._judged(value)
+        if judged is None:
             return None
         detection = None
         if self.ready:
             center, scale = self._center_and_scale()
-            z = (value - center) / scale
+            z = (judged - center) / scale
             if z > self.sigma:
+                on = "log " if self.log_scale else ""
                 detail = (
-                    f"robust z {z:.1f} > {self.sigma:g} (median {center:.4g}, "
+                    f"robust z {z:.1f} > {self.sigma:g} ({on}median {center:.4g}, "
                     f"scale {scale:.3g} over {self.window} readings)"
                 )
                 threshold = center + self.sigma * scale
+                if self.log_scale:
+                    threshold = math.exp(threshold)
                 detection = Detection("spike", step, self.metric, float(value), threshold, detail)
         if detection is None:
-            self._values.append(float(value))
+            self._values.append(judged)
         return detection
 
     def state_dict(self) -> dict[str, Any]:
@@ -440,8 +458,8 @@ class DivergenceDetectors:
                 "grad_norm",
                 cfg.window,
                 cfg.grad_spike_sigma,
-                std_floor=0.0,
-                relative_floor=GRAD_NORM_RELATIVE_FLOOR,
+                std_floor=GRAD_NORM_LOG_FLOOR,
+                log_scale=True,
             ),
             drift=DriftDetector(
                 cfg.drift_ema, cfg.drift_margin, cfg.drift_steps, warmup_steps=cfg.window

@@ -8,6 +8,8 @@
 Everything a run writes lands in <run.out_dir>/<run.name>/ (see README, "The run directory").
 """
 
+import json
+import os
 import sys
 import time
 import traceback
@@ -16,32 +18,45 @@ from typing import Any
 
 import torch
 
-from checkpoint.manager import Checkpointer, CheckpointError, HarnessState, read_harness
+from checkpoint.manager import (
+    Checkpointer,
+    CheckpointError,
+    HarnessState,
+    needs_universal,
+    read_harness,
+)
 from checkpoint.preemption import PreemptionFlag
-from checkpoint.resume import check_compatible, select_resume
-from configs import ConfigError, load_config, to_yaml
+from checkpoint.resume import select_init, select_resume
+from configs import ConfigError, load_config
 from configs.schema import TrainConfig
 from data.loader import BatchLoader, resolve_dataset, validation_batches
+from data.prepare import DataError
 from launch.distributed import init_distributed
 from model import GPT
 from monitor.divergence import DivergenceWatch
 from monitor.perf import Throughput
 from monitor.policy import Action
 from monitor.run_record import RunRecord
+from monitor.sinks import write_json_atomic
 from monitor.telemetry import Telemetry
 from optim.engine import UpdateGate, initialize, set_lr
 from optim.schedule import lr_at
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train `cfg` to the end (or to a divergence stop or preemption); return the summary."""
+def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
+    """Train `cfg` to the end (or to a divergence stop or preemption); return the summary.
+
+    `stop_step` ends the loop after that step without changing the run itself (the LR schedule
+    still follows `train.max_steps`); `monitor.replay` re-runs a stretch of a run with it.
+    """
     # -----------------------------------------------------------------------------------------
     # distributed init, run directory, the checkpoint to resume from
     env = init_distributed(cfg.run.device)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = Checkpointer(run_dir, cfg.checkpoint, env.rank, env.world_size)
-    resume_path = select_resume(ckpt, cfg)
-    record = RunRecord(run_dir, cfg, env, resuming=resume_path is not None)
+    resume_from = select_resume(ckpt, cfg, env.world_size)  # best first; [] starts afresh
+    init_from = select_init(cfg, resume_from)  # another run's checkpoint, for a new run only
+    record = RunRecord(run_dir, cfg, env, resuming=bool(resume_from))
     if cfg.tf32 and env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -50,7 +65,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)
     model = GPT(cfg.model)
     flops_per_token = model.flops_per_token()
-    engine, optimizer = initialize(model, cfg, env.world_size, env.device)
+    # a checkpoint from another world size loads in DeepSpeed's universal form, which
+    # DeepSpeed takes only at initialize
+    source = resume_from[0] if resume_from else init_from
+    universal = source is not None and needs_universal(
+        read_harness(source), env.world_size, cfg.zero_stage
+    )
+    engine, optimizer = initialize(model, cfg, env.world_size, env.device, universal)
     if cfg.train.compile:
         engine.compile()
 
@@ -90,7 +111,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # monitors and resume
     watch = DivergenceWatch(cfg.divergence, emit=record.event)
     gate = UpdateGate(engine, optimizer, cfg, veto=watch.veto)
-    telemetry = Telemetry(engine.module, cfg.optim.grad_clip, logits=cfg.telemetry.enabled)
+    t = cfg.telemetry
+    telemetry = Telemetry(engine.module, cfg.optim.grad_clip, t.enabled, t.interval, t.per_layer)
     preemption = PreemptionFlag().install()
     step, tokens = 0, 0
 
@@ -111,27 +133,40 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             zero_stage=cfg.zero_stage,
         )
 
-    def restore(path: Path, rollback: bool = False) -> None:
+    def adopt(state: HarnessState, rollback: bool = False) -> None:
         nonlocal step, tokens
-        state = ckpt.load(engine, path)
         step, tokens = state["step"], state["tokens"]
         loader.load_state_dict(state["loader"])
         watch.load_state_dict(state["monitor"], keep_counts=rollback)
 
-    if resume_path is not None:
-        check_compatible(read_harness(resume_path), cfg, env.world_size, resume_path)
-        restore(resume_path)
+    def restore(path: Path, rollback: bool = False) -> None:
+        adopt(ckpt.load(engine, path), rollback)
+
+    if resume_from:  # the newest checkpoint that loads; a damaged one is skipped with a warning
+        resume_path, state = ckpt.resume(engine, resume_from)
+        adopt(state)
         record.event(
-            {"step": step, "kind": "resume", "time": time.time(), "path": str(resume_path)}
+            event(
+                step,
+                "resume",
+                path=str(resume_path),
+                from_world_size=state["world_size"],
+                universal=universal,
+            )
         )
     else:
+        if init_from is not None:  # weights and optimizer state; step, data and monitors anew
+            ckpt.load(engine, init_from, rng=False)
+            record.event(event(step, "init_from", path=str(init_from)))
         ckpt.save(engine, harness_state())  # the first "last good" checkpoint
 
     # -----------------------------------------------------------------------------------------
     # the training loop: one iteration is one optimizer update over the global batch
-    meter = Throughput(tokens_per_step, flops_per_token, env)
+    meter = Throughput(tokens_per_step, flops_per_token, env, start_step=step)
     status = "completed"
-    while step < cfg.train.max_steps:
+    end_step = cfg.train.max_steps if stop_step is None else min(stop_step, cfg.train.max_steps)
+    pinned_for = None  # the detection whose last good checkpoint is pinned
+    while step < end_step:
         if preemption.requested:
             ckpt.save(engine, harness_state())
             record.event(event(step, "preempt", signal=preemption.signal_name))
@@ -139,7 +174,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             break
         lr = lr_at(step, cfg.optim, cfg.train.max_steps)
         set_lr(engine.optimizer, lr)
-        log_step = (step + 1) % cfg.train.log_interval == 0 or step + 1 == cfg.train.max_steps
+        log_step = (step + 1) % cfg.train.log_interval == 0 or step + 1 == end_step
         scalars, output = train_step(
             engine, gate, telemetry, loader.next_step(), step + 1, log_step
         )
@@ -167,12 +202,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             )
 
         action = watch.take_pending()
-        if watch.first_detection_step is not None:  # keep the evidence from before the anomaly
-            good = ckpt.before(watch.first_detection_step)
+        if watch.first_detection_step not in (None, pinned_for):  # keep the last good state
+            pinned_for = watch.first_detection_step
+            good = ckpt.before(pinned_for)
             if good is not None:
-                ckpt.pin(
-                    good, f"last good before the detection at step {watch.first_detection_step}"
-                )
+                ckpt.pin(good, f"last good before the detection at step {pinned_for}")
         if action == Action.STOP:
             ckpt.save(engine, harness_state())
             record.event(event(step, "stop"))
@@ -195,7 +229,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             path = ckpt.save(engine, harness_state())
             record.event(event(step, "checkpoint", path=str(path)))
-        record.summary(status="running", steps=step, watch=watch)
+        if log_step:
+            record.summary(status="running", steps=step, watch=watch)
 
     preemption.uninstall()
     summary = record.summary(status=status, steps=step, watch=watch)
@@ -215,8 +250,9 @@ def train_step(engine, gate: UpdateGate, telemetry: Telemetry, batches, step: in
     """
     loss_sum, first_output = None, None
     for micro_step, (x, y) in enumerate(batches):
-        output = engine(x, y, telemetry=log_step and telemetry.logits and micro_step == 0)
-        first_output = first_output or output
+        output = engine(x, y, telemetry=log_step and micro_step == 0 and telemetry.logits_due(step))
+        if micro_step == 0:
+            first_output = output
         engine.backward(output.loss)
         loss = output.loss.detach()
         loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -247,17 +283,49 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: `train.py [CONFIG.yaml] [section.key=value ...]`; bad input is a one-line error."""
+    """CLI: `train.py [CONFIG.yaml] [section.key=value ...]`; bad input is a one-line error.
+
+    Exit status: 0 completed (or stopped by the divergence policy, or preempted and saved),
+    2 a config, data or checkpoint the user must fix, 1 anything else. Any other exception on
+    any rank is reported as `rank N: Type: message` after its traceback, so that with several
+    ranks the log says which one failed; the launcher (torchrun, srun) then stops the others.
+    """
     args = sys.argv[1:] if argv is None else argv
     path = args[0] if args and "=" not in args[0] else None
     overrides = args[1:] if path is not None else args
+    cfg = None
     try:
         cfg = load_config(path, overrides)
         summary = run(cfg)
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, CheckpointError, DataError) as err:
+        print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        traceback.print_exc()
+        print(f"rank {os.environ.get('RANK', '0')}: {type(err).__name__}: {err}", file=sys.stderr)
+        if cfg is not None:
+            _mark_failed(Path(cfg.run.out_dir) / cfg.run.name, err)
+        return 1
     return 0 if summary["status"] in ("completed", "preempted", "diverged") else 1
+
+
+def _rank_prefix() -> str:
+    """`rank N: ` when several ranks may print the same kind of line, else nothing."""
+    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def _mark_failed(run_dir: Path, err: Exception) -> None:
+    """Rank 0: set summary.json's status to `failed`, keeping the fields of the last step."""
+    if os.environ.get("RANK", "0") != "0" or not run_dir.is_dir():
+        return
+    summary = {"steps": 0, "final_loss": None, "final_val_loss": None, "divergences": 0}
+    summary["first_divergence_step"] = None
+    try:
+        summary.update(json.loads((run_dir / "summary.json").read_text()))
+    except (OSError, ValueError):
+        pass
+    summary.update(status="failed", error=f"{type(err).__name__}: {err}", time=time.time())
+    write_json_atomic(run_dir / "summary.json", summary)
 
 
 if __name__ == "__main__":

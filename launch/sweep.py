@@ -18,16 +18,15 @@ A sweep file (paths relative to it, or to the repo root):
 Grid keys and zip groups (a mapping, or a list of them) are the product's axes in file order.
 A run is named by the keys that vary (`wd0.1-bf16-lr1e-3-s1`); a zip group by as few of its
 keys as tell its rows apart. `{out}` in a string value becomes the output directory (`--out`,
-else the file's `out:`, else the base's run.out_dir), so a sweep can point
-`checkpoint.init_from` at another's runs. `extends` merges `overrides`, `grid` and `slurm` key
-by key (`null` deletes) and replaces the rest. Every run's config is validated before anything
-is submitted; runs whose summary.json says `completed` (at their max_steps) or `diverged` are
-skipped, unfinished ones resume (`checkpoint.resume=auto`). Launcher flags go after SWEEP.yaml.
+else the base's run.out_dir), so a sweep can point `checkpoint.init_from` at another's runs.
+`extends` merges `overrides`, `grid` and `slurm` key by key (`null` deletes) and replaces the
+rest. Every run's config is validated before anything is submitted; runs whose summary.json
+says `completed` (at their max_steps) or `diverged` are skipped, unfinished ones resume
+(`checkpoint.resume=auto`). Launcher flags go after SWEEP.yaml.
 """
 
 import argparse
 import dataclasses
-import functools
 import itertools
 import json
 import os
@@ -45,31 +44,25 @@ import yaml
 
 from configs import ConfigError, load_config, parse_override, read_yaml, to_yaml
 from configs.schema import TrainConfig
+from launch.cost import Cost, estimate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXECUTORS = ("slurm", "local", "debug", "serial")
-SWEEP_KEYS = ("name", "base", "extends", "overrides", "grid", "zip", "slurm", "tokens_per_second")
-SWEEP_KEYS += ("out",)
+SWEEP_KEYS = tuple("name base extends overrides grid zip slurm tokens_per_second".split())
 MANIFEST = "sweep.yaml"
 RESERVED = ("run.name", "run.out_dir", "wandb.group")  # the sweep sets these
 # A torch.distributed rendezvous of this process must not leak into a child's.
 RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# key:label pairs for run names; an empty label means the value alone (bf16, adam_l2).
+# key:label pairs for run names (others use the key's last part); no label: the value alone
 SHORT = dict(
     pair.split(":")
     for pair in (
-        "optim.weight_decay:wd optim.lr:lr optim.min_lr:minlr optim.grad_clip:clip "
-        "optim.warmup_steps:wu optim.betas:b optim.eps:eps optim.name: optim.schedule: "
-        "precision: model.size: divergence.policy: run.seed:s model.qk_layernorm:qkln "
-        "model.z_loss:zl model.block_size:ctx model.n_layer:L model.n_head:h model.n_embd:d "
-        "model.dropout:drop train.max_steps:steps train.micro_batch_size:mb "
-        "train.grad_accum_steps:acc zero_stage:z"
+        "optim.weight_decay:wd optim.lr:lr optim.min_lr:minlr optim.grad_clip:clip optim.name: "
+        "optim.schedule: precision: model.size: run.seed:s model.qk_layernorm:qkln model.z_loss:zl "
+        "model.block_size:ctx model.n_layer:L model.n_embd:d optim.warmup_steps:wu "
+        "train.max_steps:steps"
     ).split()
 )
-# CPU cost model, measured with train.py on this project's 2-core machine while other jobs
-# shared it (load ~7): 8-13 GFLOP/s of model FLOPs, ~0.3 s fixed per step (DeepSpeed step,
-# telemetry), ~20 s per run (interpreter, imports, init, final eval), ~0.5 s per checkpoint.
-CPU_FLOPS_PER_S, CPU_STEP_S, CPU_RUN_S, CPU_CHECKPOINT_S = 10e9, 0.3, 20.0, 0.5
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -108,7 +101,10 @@ class Sweep:
     axes: list[Axis]
     slurm: dict[str, Any] = field(default_factory=dict)
     tokens_per_second: float | None = None
-    out: str | None = None
+
+    def base_config(self) -> TrainConfig:
+        """The base config with the sweep's `overrides` (where `tokens_per_second` is measured)."""
+        return load_config(self.base, [override_text(k, v) for k, v in self.overrides.items()])
 
 
 @dataclass
@@ -159,7 +155,8 @@ def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise SweepError(str(err)) from None
     unknown = sorted(set(data) - set(SWEEP_KEYS))
     if unknown:
-        raise SweepError(f"{path}: unknown sweep key '{unknown[0]}' (allowed: {SWEEP_KEYS})")
+        allowed = ", ".join(SWEEP_KEYS)
+        raise SweepError(f"{path}: unknown sweep key '{unknown[0]}' (allowed: {allowed})")
     if data.get("base") is not None:
         data["base"] = _resolve(data["base"], path, "base config")
     parent_ref = data.pop("extends", None)
@@ -196,8 +193,10 @@ def _axes(data: dict[str, Any], path: Path) -> list[Axis]:
         if len({len(v) for v in group.values()}) != 1:
             lengths = ", ".join(f"{k}: {len(v)}" for k, v in group.items())
             raise SweepError(f"{path}: zipped lists must have equal lengths ({lengths})")
-        rows = zip(*group.values(), strict=True)
-        axes.append(Axis(tuple(group), tuple(tuple(_number(v) for v in row) for row in rows)))
+        rows = tuple(tuple(_number(v) for v in row) for row in zip(*group.values(), strict=True))
+        if len(set(map(repr, rows))) < len(rows):
+            raise SweepError(f"{path}: '{', '.join(group)}' lists the same value(s) twice")
+        axes.append(Axis(tuple(group), rows))
     return axes
 
 
@@ -225,7 +224,7 @@ def load_sweep(path: str | Path) -> Sweep:
         if keys.count(key) > 1:
             raise SweepError(f"{path}: key '{key}' is in more than one grid/zip axis")
     overrides = {k: _number(v) for k, v in overrides.items()}
-    return Sweep(name, path, data["base"], overrides, axes, slurm, speed, data.get("out"))
+    return Sweep(name, path, data["base"], overrides, axes, slurm, speed)
 
 
 # ------------------------------------------------------------------------------------------
@@ -268,14 +267,9 @@ def _substitute(value: Any, out: str) -> Any:
     return value.replace("{out}", out) if isinstance(value, str) else value
 
 
-def default_out(sweep: Sweep) -> str:
-    """The sweep file's `out`, else the base config's run.out_dir."""
-    return str(sweep.out) if sweep.out else load_config(sweep.base).run.out_dir
-
-
 def expand(sweep: Sweep, out: str | None = None) -> list[Run]:
     """Every run of the product, named, validated and with its state; SweepError names a bad run."""
-    out = out or default_out(sweep)
+    out = out or load_config(sweep.base).run.out_dir
     name_keys = [k for axis in sweep.axes for k in axis.name_keys()]
     for key in [*sweep.overrides, *(k for axis in sweep.axes for k in axis.keys)]:
         try:  # an unknown key fails once for the sweep, not once per run
@@ -329,92 +323,7 @@ def run_state(run_dir: Path, max_steps: int) -> tuple[str, int]:
 
 
 # ------------------------------------------------------------------------------------------
-# Cost
-
-
-def flops_per_token(config: TrainConfig) -> float:
-    """Training FLOPs per token (6N + attention), the figure train.py's MFU uses."""
-    return _flops_per_token(config.model.model_dump_json())
-
-
-@functools.lru_cache(maxsize=64)
-def _flops_per_token(model_json: str) -> float:
-    import torch
-
-    from model import GPT
-    from model.config import ModelConfig
-
-    with torch.device("meta"):  # no memory, no init time, even for gpt2-xl
-        return GPT(ModelConfig.model_validate_json(model_json)).flops_per_token()
-
-
-def run_work(config: TrainConfig, ranks: int, steps_done: int = 0) -> tuple[float, int, int]:
-    """(training + eval FLOPs, steps, checkpoints) still to do in one run on `ranks` ranks."""
-    t = config.train
-    sequences = t.micro_batch_size * ranks * config.model.block_size
-    steps = max(0, t.max_steps - steps_done)
-    evals = steps // t.eval_interval + 1 if t.eval_interval else 1
-    fpt = flops_per_token(config)
-    flops = steps * sequences * t.grad_accum_steps * fpt
-    flops += evals * config.data.eval_batches * sequences * fpt / 3  # eval: forward only
-    interval = config.checkpoint.interval
-    return flops, steps, (steps // interval if interval else 0) + (steps_done == 0)
-
-
-@dataclass
-class Cost:
-    """What the runs still to do will take."""
-
-    flops: float
-    seconds: dict[str, float]  # by run name: GPU-seconds (all ranks), or CPU seconds
-    gpu: bool
-    note: str
-
-    def line(self, runs: list[Run], ranks: int) -> str:
-        """The one line the user confirms against."""
-        total, longest = sum(self.seconds.values()), max(self.seconds.values(), default=0)
-        head = f"cost: {len(self.seconds)} of {len(runs)} runs to do, {self.flops:.2e} FLOPs"
-        if not self.gpu:
-            return f"{head}, about {total / 60:,.1f} minutes {self.note}"
-        hours = f"{total / 3600:,.1f} GPU-hours {self.note}"
-        return f"{head}, {hours} (longest run {longest / 3600 / ranks:,.1f} h on {ranks} GPU(s))"
-
-
-def estimate(
-    runs: list[Run],
-    sweep: Sweep,
-    ranks: int = 1,
-    tokens_per_second: float | None = None,
-    cpu_flops: float = CPU_FLOPS_PER_S,
-) -> Cost:
-    """GPU-seconds at a per-GPU throughput (measured at the base config's model, scaled to each
-    run's FLOPs per token); without one, CPU seconds from the measured CPU cost model."""
-    speed = tokens_per_second or sweep.tokens_per_second
-    work = {r.name: run_work(r.config, ranks, r.steps_done) for r in runs if r.state != "done"}
-    flops = sum(w[0] for w in work.values())
-    if speed:
-        base = load_config(sweep.base, [override_text(k, v) for k, v in sweep.overrides.items()])
-        rate = speed * flops_per_token(base)
-        note = f"at {speed:,.0f} tok/s per GPU for the base config"
-        return Cost(flops, {n: w[0] / rate for n, w in work.items()}, True, note)
-    seconds = {
-        n: CPU_RUN_S + f / cpu_flops + steps * CPU_STEP_S + saves * CPU_CHECKPOINT_S
-        for n, (f, steps, saves) in work.items()
-    }
-    note = f"on this CPU, in turn ({cpu_flops / 1e9:g} GFLOP/s, {CPU_STEP_S:g} s/step, "
-    note += f"{CPU_RUN_S:g} s/run)"
-    return Cost(flops, seconds, False, note)
-
-
-# ------------------------------------------------------------------------------------------
 # Manifest and executors
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def write_manifest(sweep: Sweep, runs: list[Run], out: str, executor: str) -> Path:
@@ -423,8 +332,8 @@ def write_manifest(sweep: Sweep, runs: list[Run], out: str, executor: str) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest = {
         "sweep": sweep.name,
-        "file": _shown(sweep.path),
-        "base": _shown(sweep.base),
+        "file": os.path.relpath(sweep.path),
+        "base": os.path.relpath(sweep.base),
         "out": out,
         "executor": executor,
         "written": datetime.now().isoformat(timespec="seconds"),
@@ -436,7 +345,9 @@ def write_manifest(sweep: Sweep, runs: list[Run], out: str, executor: str) -> Pa
                 "state": r.state,
                 "values": r.values,
                 "overrides": r.overrides,
-                "command": shlex.join(["python", "train.py", _shown(sweep.base), *r.overrides]),
+                "command": shlex.join(
+                    ["python", "train.py", os.path.relpath(sweep.base), *r.overrides]
+                ),
             }
             for r in runs
         ],
@@ -460,10 +371,9 @@ def _report(run: Run, index: int, total: int, seconds: float) -> str:
 
 
 def run_serial(sweep: Sweep, runs: list[Run]) -> int:
-    """One `python train.py` subprocess per run, in turn; returns the number that failed.
+    """`python train.py` per run, in turn, output to RUN_DIR/train.log; returns the failures.
 
-    A subprocess gives every run a fresh interpreter and process group, so a crash, a leaked
-    thread or a changed global in one run cannot touch the next. Output goes to RUN_DIR/train.log.
+    A fresh process per run: a crash, leaked thread or process group cannot touch the next run.
     """
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
     failures = 0
@@ -487,15 +397,18 @@ def run_serial(sweep: Sweep, runs: list[Run]) -> int:
 
 
 def submit_runs(runs: list[Run], options: Any, wait: bool) -> int:
-    """One `launch.slurm.submit` per run; local and debug jobs run in turn, SLURM's queue up.
-
-    Returns the number that failed (of those waited for).
-    """
+    """`launch.slurm.submit` per run: local and debug jobs run in turn, SLURM's queue up."""
     from launch import slurm
 
     jobs, failures = [], 0
     for i, run in enumerate(runs, 1):
-        job = slurm.submit(run.config, dataclasses.replace(options))
+        try:
+            job = slurm.submit(run.config, dataclasses.replace(options))
+        except Exception as err:  # sbatch said no (submitit's FailedSubmissionError): say why
+            failures += 1
+            lines = [line for line in str(err).splitlines() if line.strip()] or [repr(err)]
+            print(f"[{i}/{len(runs)}] {run.name}: submission failed: {lines[-1]}", flush=True)
+            continue
         print(f"[{i}/{len(runs)}] {run.name}: job {job.job_id} ({options.executor})", flush=True)
         jobs.append((i, run, job))
         if options.executor != "slurm":  # debug runs in result(); local runs share this host
@@ -541,9 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--executor", choices=EXECUTORS, default="slurm")
     parser.add_argument("--dry-run", action="store_true", help="print configs and cost only")
     parser.add_argument("--yes", action="store_true", help="submit without asking")
-    parser.add_argument("--out", help="parent of the sweep directory (default: sweep's out:)")
-    parser.add_argument("--tokens-per-second", type=float, help="per-GPU rate for the estimate")
-    parser.add_argument("--cpu-gflops", type=float, help="CPU rate for the estimate (10)")
+    parser.add_argument("--out", help="parent of the sweep directory (default: base's out_dir)")
+    parser.add_argument("--cpu-gflops", type=float, help="CPU rate for the estimate (5)")
     return parser
 
 
@@ -577,32 +489,23 @@ def launch_options(executor: str, sweep: Sweep, argv: list[str]) -> tuple[Any, b
     return slurm.LaunchOptions(executor=executor, **settings), wait
 
 
-def confirm(prompt: str, assume_yes: bool) -> bool:
-    """Ask on a terminal; without one, only --yes may submit."""
-    if assume_yes:
-        return True
-    if not sys.stdin.isatty():
-        raise SweepError("not submitting: no terminal to confirm on (pass --yes)")
-    return input(f"{prompt} [y/N] ").strip().lower() in ("y", "yes")
-
-
 def print_plan(sweep: Sweep, runs: list[Run], cost: Cost, out: str, ranks: int, full: bool):
-    """One line per run (state, steps, tokens per step, estimate); with `full`, its config."""
-    print(f"sweep {sweep.name}: {len(runs)} runs of {_shown(sweep.base)} in {out}/{sweep.name}")
-    for i, run in enumerate(runs, 1):
+    """One line per run (state, steps, tokens per step, estimate); with `full`, every config."""
+    base = os.path.relpath(sweep.base)
+    print(f"sweep {sweep.name}: {len(runs)} runs of {base} in {Path(out) / sweep.name}")
+    for run in runs:
         t, seconds = run.config.train, cost.seconds.get(run.name, 0.0)
         tokens = t.micro_batch_size * t.grad_accum_steps * ranks * run.config.model.block_size
         state = {"done": "skip (finished)", "resume": f"resume at {run.steps_done}"}
         when = f"{seconds / 3600:.1f} GPU-h" if cost.gpu else f"{seconds / 60:.1f} min"
+        when = "-" if run.state == "done" else when
         init_from = run.config.checkpoint.init_from
         missing = init_from and run.state == "new" and not Path(init_from).exists()
         line = f"  {run.name:<28} {state.get(run.state, 'new'):<16} {t.max_steps:>7} steps "
-        print(
-            line + f"x {tokens:>9,} tok {when:>11}" + ("  (init_from missing)" if missing else "")
-        )
-        if full:
-            print(f"--- run {i}/{len(runs)}: {run.name} ({run.run_dir}) ---")
-            print(to_yaml(run.config), end="")
+        print(f"{line}x {tokens:>9,} tok {when:>11}" + ("  (init_from missing)" if missing else ""))
+    for i, run in enumerate(runs if full else [], 1):
+        print(f"--- run {i}/{len(runs)}: {run.name} ({run.run_dir}) ---")
+        print(to_yaml(run.config), end="")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -610,18 +513,19 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     try:
         sweep = load_sweep(args.sweep)
-        out = args.out or default_out(sweep)
+        out = args.out or load_config(sweep.base).run.out_dir
         options, wait = None, False
         if args.executor != "serial":
             options, wait = launch_options(args.executor, sweep, rest)
+            if not args.dry_run:
+                options.check()  # e.g. no srun here: fail before anything else
         elif rest:
             raise SweepError(f"'{' '.join(rest)}': launcher flags need --executor slurm|local")
         runs = expand(sweep, out)
         ranks = 1  # serial and debug: one rank
         if options is not None and args.executor != "debug":
             ranks = options.nodes * options.num_tasks_per_node  # sets the global batch
-        cpu_flops = args.cpu_gflops * 1e9 if args.cpu_gflops else CPU_FLOPS_PER_S
-        cost = estimate(runs, sweep, ranks, args.tokens_per_second, cpu_flops)
+        cost = estimate(runs, sweep, ranks, (args.cpu_gflops or 0) * 1e9)
         print_plan(sweep, runs, cost, out, ranks, full=args.dry_run)
         print(cost.line(runs, ranks))
         todo = [r for r in runs if r.state != "done"]
@@ -630,9 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         if not todo:
             print("nothing to do: every run has finished")
             return 0
-        if options is not None:
-            options.check()  # e.g. no srun here: fail before asking
-        if not confirm(f"submit {len(todo)} run(s) with --executor {args.executor}?", args.yes):
+        if not args.yes and not sys.stdin.isatty():
+            raise SweepError("not submitting: no terminal to confirm on (pass --yes)")
+        question = f"submit {len(todo)} run(s) with --executor {args.executor}? [y/N] "
+        if not args.yes and input(question).strip().lower() not in ("y", "yes"):
             print("not submitted")
             return 1
     except (SweepError, ConfigError, ValueError) as err:

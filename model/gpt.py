@@ -122,8 +122,8 @@ class GPTOutput:
     Attributes:
         logits: (B, T, V) next-token logits.
         loss: scalar mean cross-entropy (+ z-loss when configured); None without targets.
-        log_z: detached scalar, mean over positions of logsumexp(logits); None unless telemetry
-            or z-loss asked for it.
+        log_z: detached scalar, mean over positions (with targets) of logsumexp(logits); None
+            unless telemetry asked for it.
         attn_logit_max: detached fp32 (n_layer,), per layer max |q.k/sqrt(hs)| over the causal
             scores; None unless telemetry.
     """
@@ -210,17 +210,24 @@ class GPT(nn.Module):
         out = GPTOutput(logits=logits)
         if telemetry:
             out.attn_logit_max = torch.stack(logit_maxes).float()  # (n_layer,)
-        need_log_z = telemetry or self.config.z_loss > 0
-        if targets is None and not need_log_z:
+        if targets is None and not telemetry:
             return out
         # softmax statistics in fp32: under bf16 autocast a sum over 50k logits loses too much;
         # one copy shared by log Z and the loss (a no-op when the logits are already fp32)
         logits_f = logits.float()  # (B, T, V)
-        log_z = torch.logsumexp(logits_f, dim=-1) if need_log_z else None  # (B, T)
-        if log_z is not None:
-            out.log_z = log_z.mean().detach()
+        per_position = self.config.z_loss > 0 or targets is None
+        log_z = torch.logsumexp(logits_f, dim=-1) if per_position else None  # (B, T)
         if targets is not None:
             out.loss = self._loss(logits_f, targets, log_z)
+        if telemetry and log_z is not None:
+            out.log_z = log_z.mean().detach()
+        elif telemetry:
+            # cross-entropy is mean(log Z - target logit): its mean log Z costs one gather, not
+            # a second pass over the vocabulary
+            valid = targets != -1  # (B, T)
+            target_logit = logits_f.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            mean_target = torch.where(valid, target_logit, 0.0).sum() / valid.sum()
+            out.log_z = (out.loss + mean_target).detach()
         return out
 
     def _loss(

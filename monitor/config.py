@@ -8,6 +8,11 @@ from configs.base import Section
 
 
 class DivergenceConfig(Section):
+    enabled: bool = Field(
+        True,
+        description="run the detectors; off only to measure their cost (non-finite updates are "
+        "withheld either way)",
+    )
     policy: Literal["record", "skip", "rollback", "stop"] = Field(
         "record", description="what a detection does; recording always happens"
     )
@@ -37,6 +42,9 @@ class TelemetryConfig(Section):
         0, ge=0, description="steps between logit telemetry forwards; 0 means every log step"
     )
     enabled: bool = Field(True, description="attention-logit and log Z telemetry on log steps")
+    per_layer: bool = Field(
+        False, description="also norms and update ratios per transformer block (replays set it)"
+    )
 
 
 class WandbConfig(Section):

@@ -348,8 +348,9 @@ class AttnLogitDetector:
     Attention-logit growth precedes divergence at high learning rates (Wortsman et al. 2023 saw
     > 1e4 in layer 0). A layer alarms when its reading is above `threshold`, not finite, or more
     than `growth` x its previous reading while above `min_level` (default threshold/10, so tiny
-    early logits doubling do not alarm). Each layer fires once per episode and re-arms at the
-    first reading that is neither above threshold nor growing that fast.
+    early logits doubling do not alarm). Each layer fires once per episode; the episode ends at the
+    first reading that is neither growing that fast nor above half the threshold (hysteresis: a
+    logit hovering around the threshold is one episode, not one alarm per crossing).
     """
 
     def __init__(self, threshold: float, growth: float, min_level: float | None = None) -> None:
@@ -382,7 +383,8 @@ class AttnLogitDetector:
             if reason is not None and not self._alarmed[layer]:
                 metric = f"attn_logit_max/layer{layer}"
                 detections.append(Detection("attn_logit", step, metric, value, threshold, reason))
-            self._alarmed[layer] = reason is not None
+            hovering = self._alarmed[layer] and math.isfinite(value) and value > self.threshold / 2
+            self._alarmed[layer] = reason is not None or hovering
             self._previous[layer] = value if math.isfinite(value) else None
         return detections
 

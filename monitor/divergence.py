@@ -3,6 +3,9 @@
 The gate hands over each step's loss and pre-clip grad norm before the update is applied; the
 watch records detections as events (with the evidence window) and answers whether the update
 may go ahead. Actions that need the loop (rollback, stop) are left in `pending` for it.
+
+Evidence holds one record per step: the gate's loss and grad norm, merged with that step's
+telemetry line when it is a log step, so `evidence_steps` records cover that many steps.
 """
 
 import time
@@ -22,6 +25,9 @@ class DivergenceWatch:
         self.policy = DivergencePolicy.from_config(cfg)
         self.evidence = EvidenceBuffer(cfg.evidence_steps)
         self.emit = emit
+        self.enabled = cfg.enabled
+        # this step's gate reading, held until its telemetry (if any) joins it in the evidence
+        self._open: tuple[int, dict[str, Any]] | None = None
         self.pending: Action = Action.RECORD
         self.first_detection_step: int | None = None
         self.last_detection_step: int | None = None
@@ -30,18 +36,41 @@ class DivergenceWatch:
 
     def veto(self, step: int, loss: float, grad_norm: float) -> bool:
         """The gate's question: withhold the update of `step`? (Non-finite is withheld anyway.)"""
-        self.evidence.append(step, {"loss": loss, "grad_norm": grad_norm})
+        if not self.enabled:
+            return False
+        self._close()
+        self._open = (step, {"loss": loss, "grad_norm": grad_norm})
         return self._act(self.detectors.update(step, loss, grad_norm)) != Action.RECORD
 
     def observe_telemetry(self, step: int, line: dict[str, Any]) -> None:
         """Log-step readings (attention logits, log Z); acted on after the update."""
-        self.evidence.append(step, line)
+        if not self.enabled:
+            return
+        if self._open is not None and self._open[0] == step:
+            self._open[1].update(line)
+        else:
+            self._close()
+            self._open = (step, dict(line))
         detections = self.detectors.update_telemetry(
             step, line.get("attn_logit_max/layers"), line.get("log_z")
         )
-        action = self._act(detections)
-        if action in (Action.ROLLBACK, Action.STOP):
-            self.pending = action
+        self._act(detections)
+
+    def _close(self) -> None:
+        """Move the held step's record into the evidence buffer."""
+        if self._open is not None:
+            self.evidence.append(*self._open)
+            self._open = None
+
+    def _evidence(self) -> list[dict[str, Any]]:
+        """The buffered steps plus the one still held: the window up to the current step."""
+        if self._open is None:
+            return self.evidence.snapshot()
+        # a throwaway buffer, so the held record stays open for its telemetry
+        window = EvidenceBuffer(self.evidence.steps)
+        window.load_state_dict(self.evidence.state_dict())
+        window.append(*self._open)
+        return window.snapshot()
 
     def _act(self, detections: list[Detection]) -> Action:
         self.last_detections = detections
@@ -51,7 +80,7 @@ class DivergenceWatch:
         if self.first_detection_step is None:
             self.first_detection_step = detections[0].step
         self.last_detection_step = detections[0].step
-        evidence = self.evidence.snapshot()
+        evidence = self._evidence()
         for detection in detections:
             self.emit({**detection.to_event(), "time": time.time(), "evidence": evidence})
         action = self.policy.decide(detections)
@@ -60,10 +89,13 @@ class DivergenceWatch:
         return action
 
     def take_pending(self) -> Action:
+        """The rollback or stop a detection asked for since the last call (RECORD if none)."""
         action, self.pending = self.pending, Action.RECORD
         return action
 
     def state_dict(self) -> dict[str, Any]:
+        """Detector windows, rollback count, evidence and counters, for the checkpoint."""
+        self._close()  # a checkpoint comes after the step's telemetry: the record is complete
         return {
             "detectors": self.detectors.state_dict(),
             "policy": self.policy.state_dict(),
@@ -77,6 +109,7 @@ class DivergenceWatch:
         count and the detection counters stay live, so `max_rollbacks` is reached."""
         self.detectors.load_state_dict(state["detectors"])
         self.evidence.load_state_dict(state["evidence"])
+        self._open = None
         if keep_counts:
             return
         self.policy.load_state_dict(state["policy"])

@@ -37,18 +37,18 @@ def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | No
 class Throughput:
     """Tokens per second, step time and MFU over the steps since the previous reading."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, env) -> None:
+    def __init__(self, tokens_per_step: int, flops_per_token: float, env, start_step: int) -> None:
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.world_size = env.world_size
         self.device = env.device
         self.peak = peak_flops(env.device)
         self.last_time = time.time()
-        self.last_step: int | None = None
+        self.last_step = start_step
 
     def read(self, step: int) -> dict[str, float | None]:
         now = time.time()
-        steps = step - self.last_step if self.last_step is not None else 1
+        steps = max(1, step - self.last_step)
         elapsed = max(now - self.last_time, 1e-9)
         tok_per_s = self.tokens_per_step * steps / elapsed
         line = {

@@ -40,6 +40,14 @@ def wandb_tags(cfg: TrainConfig) -> list[str]:
     return [o.name, cfg.precision, f"wd={o.weight_decay:g}", f"lr={o.lr:g}", f"seed={cfg.run.seed}"]
 
 
+def wandb_group(cfg: TrainConfig) -> str:
+    """`wandb.group`, else the run's setting without its seed, so that seeds group together."""
+    if cfg.wandb.group:
+        return cfg.wandb.group
+    m, o = cfg.model, cfg.optim
+    return f"{m.n_layer}L{m.n_embd}C-{o.name}-{cfg.precision}-wd{o.weight_decay:g}-lr{o.lr:g}"
+
+
 class RunRecord:
     """Everything a run writes about itself; silent on ranks other than 0."""
 
@@ -60,7 +68,14 @@ class RunRecord:
         self.sinks.append(RunFiles(run_dir))
         if cfg.wandb.mode != "disabled":
             self.sinks.append(
-                WandbSink(cfg.wandb, run_dir, cfg.run.name, resolved, wandb_tags(cfg))
+                WandbSink(
+                    cfg.wandb,
+                    run_dir,
+                    cfg.run.name,
+                    resolved,
+                    wandb_tags(cfg),
+                    group=wandb_group(cfg),
+                )
             )
 
     def message(self, text: str) -> None:

@@ -73,20 +73,33 @@ class RunFiles:
 
 
 class WandbSink:
-    """Mirrors metrics, events (as alerts) and the summary into one wandb run per run directory.
+    """Mirrors metrics, events and the summary into one wandb run per run directory.
 
-    The run id is derived from the run directory, so a resumed or requeued job continues the
-    same wandb run instead of starting a new one.
+    Every event also lands in the wandb summary as `events/<kind>`: its fields (without the
+    evidence window) and how many of its kind the run has had. Detections, rollbacks and stops
+    are raised as wandb alerts too. The run id is derived from the run directory, so a resumed
+    or requeued job continues the same wandb run instead of starting a new one.
     """
 
-    def __init__(self, cfg: WandbConfig, run_dir: Path, name: str, config: dict, tags: list[str]):
+    ALERT_KINDS = ("rollback", "stop")
+
+    def __init__(
+        self,
+        cfg: WandbConfig,
+        run_dir: Path,
+        name: str,
+        config: dict,
+        tags: list[str],
+        group: str | None = None,
+    ):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         self._wandb = wandb
+        self._counts: dict[str, int] = {}
         self.run = wandb.init(
             project=cfg.project,
-            group=cfg.group,
+            group=group or cfg.group,
             name=name,
             id=wandb_run_id(run_dir),
             resume="allow",
@@ -104,23 +117,38 @@ class WandbSink:
         self.run.log(json_safe(payload), step=step)
 
     def event(self, event: dict[str, Any]) -> None:
+        kind = event["kind"]
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        fields = {k: v for k, v in event.items() if k != "evidence"}
+        self.run.summary[f"events/{kind}"] = json_safe({**fields, "count": self._counts[kind]})
+        if "metric" not in event and kind not in self.ALERT_KINDS:
+            return
         if "metric" in event:
-            self.run.summary[f"events/{event['kind']}"] = event["step"]
-            try:
-                self.run.alert(
-                    title=f"{event['kind']} at step {event['step']}",
-                    text=f"{event['metric']}={event['value']} (threshold {event['threshold']})",
-                    level=self._wandb.AlertLevel.WARN,
-                )
-            except Exception:  # alerts need an online run; offline runs keep the summary field
-                pass
+            text = f"{event['metric']}={event['value']} (threshold {event['threshold']})"
+            text += f": {event.get('detail', '')}"
+        else:
+            text = ", ".join(f"{k}={v}" for k, v in fields.items() if k not in ("kind", "time"))
+        try:
+            self.run.alert(
+                title=f"{kind} at step {event['step']}",
+                text=text,
+                level=self._wandb.AlertLevel.ERROR
+                if kind == "stop"
+                else self._wandb.AlertLevel.WARN,
+            )
+        except Exception:  # an alert must never take the run down; the summary has the event
+            pass
 
     def summary(self, summary: dict[str, Any]) -> None:
         for key, value in summary.items():
             self.run.summary[key] = json_safe(value)
 
     def close(self) -> None:
-        self.run.finish(quiet=True)
+        self.run.finish()
+        # wandb-core may still hold the run's records after `finish` and write them out only
+        # when its service stops (at interpreter exit): stop it now, so that the offline run
+        # file is complete once the run is over, also for a process that goes on running
+        self._wandb.teardown()
 
 
 def wandb_run_id(run_dir: Path) -> str:

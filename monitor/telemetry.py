@@ -1,18 +1,20 @@
-"""Weight-decay telemetry, read on log steps only: norms by group and layer type, effective LR,
-update-to-weight ratio, clipping, attention-logit and log Z readings.
+"""Weight-decay telemetry, read on log steps only: norms by group and layer type (and, with
+`per_layer`, by transformer block), effective LR, update-to-weight ratio, clipping,
+attention-logit and log Z readings.
 
 Under ZeRO 3 a parameter's data lives in per-rank shards (`ds_tensor`); squares are summed over
 the shards and all-reduced, so every stage reports the same norms.
 """
 
 import math
+import re
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from optim.groups import layer_type, split_decay
+from optim.groups import layer_type
 
 
 def _local_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
@@ -26,14 +28,45 @@ def _local_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
     return out
 
 
-class Telemetry:
-    """Collects the study's per-group numbers on log steps; costs nothing on other steps."""
+def _decay_names(model: nn.Module) -> set[str]:
+    """The decay group of `optim.groups.split_decay` (every matrix and embedding). Once ZeRO 3
+    has partitioned the model its parameters are empty placeholders, so this reads the full
+    shape, `ds_shape`, where `split_decay` would read the placeholder's."""
+    return {
+        name
+        for name, param in model.named_parameters()
+        if param.requires_grad and len(getattr(param, "ds_shape", param.shape)) >= 2
+    }
 
-    def __init__(self, model: nn.Module, grad_clip: float, logits: bool = True):
+
+_BLOCK = re.compile(r"(?:^|\.)h\.(\d+)\.")
+
+
+class Telemetry:
+    """Collects the study's per-group numbers on log steps; costs nothing on other steps.
+
+    Args:
+        model: the engine's module (its parameters may be ZeRO-3 shards).
+        grad_clip: the configured clip, for `grad_norm_clipped`.
+        logits: run the logit telemetry forward (attention logits, log Z) on log steps.
+        interval: with `logits`, only on log steps that are multiples of it; 0: every log step.
+        per_layer: also report norms and update ratios per transformer block (`layer{i}`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        grad_clip: float,
+        logits: bool = True,
+        interval: int = 0,
+        per_layer: bool = False,
+    ):
         self.model = model
         self.logits = logits
+        self.interval = interval
+        self.per_layer = per_layer
         self.grad_clip = grad_clip
-        self.decay_names = set(split_decay(model)[0])
+        self.decay_names = _decay_names(model)
         self._before: dict[str, torch.Tensor] | None = None
         self.steps = 0
         self.clipped = 0
@@ -45,12 +78,19 @@ class Telemetry:
         self.clipped += int(clipped)
         self.skipped += int(not applied)
 
+    def logits_due(self, step: int) -> bool:
+        """Whether the log step `step` also runs the logit telemetry forward."""
+        return self.logits and (self.interval == 0 or step % self.interval == 0)
+
     def snapshot(self) -> None:
         """Before the update of a log step: remember the weights to measure the update."""
         self._before = {n: t.float().clone() for n, t, _ in _local_tensors(self.model)}
 
-    def _buckets(self, name: str) -> tuple[str, str]:
-        return ("decay" if name in self.decay_names else "no_decay"), layer_type(name)
+    def _buckets(self, name: str) -> tuple[str, ...]:
+        """The norm buckets of a parameter: its decay group, its layer type, maybe its block."""
+        buckets = ("decay" if name in self.decay_names else "no_decay"), layer_type(name)
+        block = _BLOCK.search(name) if self.per_layer else None
+        return buckets if block is None else (*buckets, f"layer{block.group(1)}")
 
     @torch.no_grad()
     def read(self, lr: float, grad_norm: float, output: Any | None) -> dict[str, Any]:
@@ -60,18 +100,30 @@ class Telemetry:
         sharded = False
         for name, data, is_shard in _local_tensors(self.model):
             sharded |= is_shard
-            sq = data.float().pow(2).sum()
+            # fused norms, no temporaries: this runs on every log step
+            sq = torch.linalg.vector_norm(data, dtype=torch.float32).square()
+            delta = None
+            if self._before is not None:  # the snapshot is ours and read once: subtract in place
+                delta = torch.linalg.vector_norm(self._before[name].sub_(data)).square()
             for key in self._buckets(name):
                 squares[key] = squares.get(key, 0) + sq
-                if self._before is not None:
-                    delta = (data.float() - self._before[name]).pow(2).sum()
+                if delta is not None:
                     updates[key] = updates.get(key, 0) + delta
         keys = sorted(squares)
-        stacked = torch.stack([squares[k] for k in keys] + [updates.get(k, torch.zeros(())) for k in keys])
+        zero = squares[keys[0]].new_zeros(())  # no update measured (no snapshot this step)
+        stacked = torch.stack([squares[k] for k in keys] + [updates.get(k, zero) for k in keys])
         if sharded and dist.is_initialized():
             dist.all_reduce(stacked)
-        values = stacked.sqrt().tolist()  # host sync
-        norms, deltas = dict(zip(keys, values[: len(keys)])), dict(zip(keys, values[len(keys) :]))
+        # the logit readings ride along, so a log step reads everything in one transfer
+        attn = output.attn_logit_max if output is not None else None
+        log_z = output.log_z if output is not None else None
+        parts = [stacked.sqrt()] + [
+            t.detach().float().reshape(-1) for t in (attn, log_z) if t is not None
+        ]
+        values = torch.cat([p.to(stacked.device) for p in parts]).tolist()  # host sync
+        norms = dict(zip(keys, values[: len(keys)], strict=True))
+        deltas = dict(zip(keys, values[len(keys) : 2 * len(keys)], strict=True))
+        readings = values[2 * len(keys) :]
         line: dict[str, Any] = {
             "param_norm": math.sqrt(sum(norms[k] ** 2 for k in ("decay", "no_decay") if k in norms))
         }
@@ -79,18 +131,18 @@ class Telemetry:
             line[f"param_norm/{key}"] = norm
             if key in ("decay", "no_decay"):
                 line[f"eff_lr/{key}"] = lr / norm if norm > 0 else math.nan
-                if self._before is not None:
-                    line[f"update_ratio/{key}"] = deltas[key] / norm if norm > 0 else math.nan
+            if self._before is not None:  # |w_after - w_before| / |w_after|
+                line[f"update_ratio/{key}"] = deltas[key] / norm if norm > 0 else math.nan
         clip = self.grad_clip
         line["grad_norm_clipped"] = min(grad_norm, clip) if clip > 0 else grad_norm
         line["clip_frac"] = self.clipped / max(1, self.steps)
         line["skipped_steps"] = self.skipped
-        if output is not None and output.attn_logit_max is not None:
-            per_layer = output.attn_logit_max.float().tolist()
+        if attn is not None:
+            per_layer, readings = readings[: attn.numel()], readings[attn.numel() :]
             line["attn_logit_max"] = max(per_layer)
             line["attn_logit_max/layers"] = per_layer
-        if output is not None and output.log_z is not None:
-            line["log_z"] = float(output.log_z)
+        if log_z is not None:
+            line["log_z"] = readings[0]
         self._before = None
         self.steps = self.clipped = self.skipped = 0
         return line

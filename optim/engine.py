@@ -159,7 +159,9 @@ class UpdateGate:
         if grad_norm < 0:  # DeepSpeed reports a non-finite norm as -1
             grad_norm = math.nan
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        applied = finite and not (self.veto is not None and self.veto(self._step, loss, grad_norm))
+        # The watch sees every step, non-finite ones included, so each is recorded as an event.
+        vetoed = self.veto is not None and self.veto(self._step, loss, grad_norm)
+        applied = finite and not vetoed
         clipped = finite and self.grad_clip > 0 and grad_norm > self.grad_clip
         if applied and self.zero_stage == 0 and clipped:
             torch.nn.utils.clip_grads_with_norm_(self._params(), self.grad_clip, norm)

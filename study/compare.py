@@ -17,19 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import matplotlib.ticker
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")  # files only; no display on clusters or in CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-
-from study.runs import Run, StudyError, labels, load_runs, varying_keys  # noqa: E402
-from study.sensitivity import LRGroup, lr_groups  # noqa: E402
+from study.plots import finite, loss_limits, new_figure, palette, save_figure
+from study.runs import Run, StudyError, labels, load_runs, varying_keys
+from study.sensitivity import LRGroup, lr_groups
 
 # One marker per detection kind, drawn on the run's loss line at the detection step.
 MARKERS = {"nonfinite": "X", "spike": "^", "drift": "v", "attn_logit": "s", "output_logit": "D"}
@@ -50,7 +45,6 @@ COLUMNS = [
     ("first_divergence_step", "first divergence step"),
     ("mean_tok_per_s", "mean tok/s"),
 ]
-DPI = 120
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -113,46 +107,6 @@ def ema(values: np.ndarray, smooth: float) -> np.ndarray:
     return out
 
 
-def _colors(count: int) -> list[Any]:
-    """One color per run, the same in every plot."""
-    cmap = plt.get_cmap("tab10" if count <= 10 else "tab20" if count <= 20 else "viridis")
-    if count <= 20:
-        return [cmap(i) for i in range(count)]
-    return [cmap(x) for x in np.linspace(0, 1, count)]
-
-
-def _finite(values: np.ndarray, positive: bool = False) -> np.ndarray:
-    """NaN where a value cannot be drawn (inf; <= 0 on a log axis), so lines break there."""
-    values = np.where(np.isfinite(values), values, np.nan)
-    return np.where(values > 0, values, np.nan) if positive else values
-
-
-def _figure(panels: int) -> tuple[Figure, list[Axes]]:
-    cols = min(panels, 3)
-    rows = math.ceil(panels / cols)
-    width, height = (8.0, 4.8) if panels == 1 else (4.8 * cols, 3.4 * rows)
-    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
-    flat = list(axes.ravel())
-    for ax in flat[panels:]:
-        ax.set_visible(False)
-    for ax in flat[:panels]:
-        ax.grid(True, alpha=0.3)
-        ax.set_xlabel("step")
-    return fig, flat[:panels]
-
-
-def _save(fig: Figure, path: Path, handles: list[Any], texts: list[str], title: str) -> Path:
-    """Title, one legend outside the panels (it never hides a curve), write, close."""
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.legend(
-        handles, texts, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8
-    )
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def _run_handles(run_labels: Sequence[str], colors: Sequence[Any]) -> list[Any]:
     return [Line2D([], [], color=c, lw=1.5) for c in colors[: len(run_labels)]]
 
@@ -169,16 +123,6 @@ def _mark_detections(ax: Axes, run: Run, steps: np.ndarray, line: np.ndarray, co
         ax.plot(event["step"], min(max(y, low), high), marker, color=color, ms=8, mec="black")
 
 
-def _loss_limits(lines: list[np.ndarray]) -> tuple[float, float] | None:
-    """Y range that stops one spike from flattening every other curve: cap at the initial loss."""
-    values = np.concatenate([v[np.isfinite(v)] for v in lines] or [np.array([])])
-    starts = [v[np.isfinite(v)][0] for v in lines if np.isfinite(v).any()]
-    if not values.size or values.max() <= max(starts) * 1.02:
-        return None
-    top, bottom = max(starts) * 1.02, values.min()
-    return bottom - 0.03 * (top - bottom), top
-
-
 def plot_loss(
     runs: Sequence[Run], run_labels: Sequence[str], colors: Sequence[Any], out: Path, smooth: float
 ) -> Path | None:
@@ -186,10 +130,10 @@ def plot_loss(
     series = [run.series("loss") for run in runs]
     if not any(steps.size for steps, _ in series):
         return None
-    fig, (full, zoom) = _figure(2)
+    fig, (full, zoom) = new_figure(2)
     drawn = []
     for (steps, raw), color in zip(series, colors, strict=True):
-        raw = _finite(raw)
+        raw = finite(raw)
         line = ema(raw, smooth)
         if smooth > 0:
             for ax in (full, zoom):
@@ -197,7 +141,7 @@ def plot_loss(
         for ax in (full, zoom):
             ax.plot(steps, line, color=color, lw=1.3)
         drawn.append(line)
-    limits = _loss_limits(drawn)
+    limits = loss_limits(drawn)
     if limits:
         full.set_ylim(*limits)
     last_step = max(int(steps.max()) for steps, _ in series if steps.size)
@@ -227,7 +171,7 @@ def plot_loss(
         for k in kinds
     ]
     texts = list(run_labels) + [f"detection: {k}" for k in kinds]
-    return _save(fig, out / "loss.png", handles, texts, "Training loss")
+    return save_figure(fig, out / "loss.png", handles, texts, "Training loss")
 
 
 def plot_val_loss(
@@ -236,12 +180,12 @@ def plot_val_loss(
     """Validation loss at each eval step."""
     if not any(run.val for run in runs):
         return None
-    fig, (ax,) = _figure(1)
+    fig, (ax,) = new_figure(1)
     for run, color in zip(runs, colors, strict=True):
         steps, values = run.val_series()
-        ax.plot(steps, _finite(values), color=color, lw=1.3, marker="o", ms=3)
+        ax.plot(steps, finite(values), color=color, lw=1.3, marker="o", ms=3)
     ax.set_ylabel("val loss")
-    return _save(
+    return save_figure(
         fig,
         out / "val_loss.png",
         _run_handles(run_labels, colors),
@@ -264,16 +208,16 @@ def plot_panels(
     keys = [k for k in keys if k in present]
     if not keys:
         return None
-    fig, axes = _figure(len(keys))
+    fig, axes = new_figure(len(keys))
     for ax, key in zip(axes, keys, strict=True):
         positive = key in log_keys
         for run, color in zip(runs, colors, strict=True):
             steps, values = run.series(key)
-            ax.plot(steps, _finite(values, positive), color=color, lw=1.2)
+            ax.plot(steps, finite(values, positive), color=color, lw=1.2)
         if positive and ax.has_data():
             ax.set_yscale("log")
         ax.set_title(key)
-    return _save(fig, path, _run_handles(run_labels, colors), list(run_labels), title)
+    return save_figure(fig, path, _run_handles(run_labels, colors), list(run_labels), title)
 
 
 def _group_keys(runs: Sequence[Run], prefix: str) -> list[str]:
@@ -284,8 +228,8 @@ def _group_keys(runs: Sequence[Run], prefix: str) -> list[str]:
 
 def plot_sensitivity(groups: Sequence[LRGroup], out: Path) -> Path:
     """Final loss against LR per recipe; diverged or worse-than-initial runs drawn hollow."""
-    fig, (ax,) = _figure(1)
-    colors = _colors(len(groups))
+    fig, (ax,) = new_figure(1)
+    colors = palette(len(groups))
     handles, texts = [], []
     for group, color in zip(groups, colors, strict=True):
         lrs, losses = np.asarray(group.lrs), np.asarray(group.clipped_losses)
@@ -303,7 +247,9 @@ def plot_sensitivity(groups: Sequence[LRGroup], out: Path) -> Path:
     ax.set_ylabel("final loss, min(final, initial)")
     handles.append(Line2D([], [], marker="o", color="gray", mfc="white", ls="none"))
     texts.append("diverged or above initial loss")
-    return _save(fig, out / "lr_sensitivity.png", handles, texts, "Final loss vs learning rate")
+    return save_figure(
+        fig, out / "lr_sensitivity.png", handles, texts, "Final loss vs learning rate"
+    )
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -357,7 +303,7 @@ def report(runs: Sequence[Run], out: Path, smooth: float = 0.0) -> tuple[list[Pa
     out.mkdir(parents=True, exist_ok=True)
     keys = varying_keys(runs)
     run_labels = labels(runs, keys)
-    colors = _colors(len(runs))
+    colors = palette(len(runs))
     notes = [f"{run.name}: {note}" for run in runs for note in run.notes]
 
     plots = [

@@ -41,7 +41,7 @@ def overrides(run_dir: Path, zero_stage: int, world_size: int = 1, **extra: obje
         "run.device": "cpu",
         "run.out_dir": run_dir.parent,
         "run.name": run_dir.name,
-        "data.dataset": "builtin",
+        "data.dataset": "builtin-compact",
         "data.data_dir": REPO / "data" / "cache",
         "data.eval_batches": 1,
         "wandb.mode": "disabled",

@@ -121,7 +121,7 @@ def test_z_loss_adds_coef_times_mean_log_z_squared(ignore: bool) -> None:
     expected = ce + 1e-2 * log_z[targets != -1].square().mean()
     torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-6)
     assert out.loss.item() - ce.item() > 0.01  # log Z ~ ln(97) = 4.6 at init: a visible term
-    assert out.log_z is not None and out.attn_logit_max is None  # z-loss needs log Z, not telemetry
+    assert out.log_z is None and out.attn_logit_max is None  # only telemetry reports them
 
 
 def naive_attn_logit_max(model: GPT, idx: torch.Tensor) -> torch.Tensor:

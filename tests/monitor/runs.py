@@ -1,0 +1,88 @@
+"""Real tiny training runs for the monitor tests, in this process, and readers of their files.
+
+The model is a 2-layer GPT, 32 wide, on the built-in corpus cut down to a 256-token vocabulary
+(the 255 most frequent GPT-2 tokens plus one for the rest), so that a step takes milliseconds
+while the loss curve, its noise and the grad norms are those of real text.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.builtin import prepare_builtin
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = 256
+
+
+def small_vocab_corpus(out_dir: Path, vocab_size: int = VOCAB) -> Path:
+    """A prepared dataset directory (train.bin, val.bin, meta.json) with `vocab_size` ids."""
+    source = prepare_builtin(REPO / "data" / "cache")
+    train = np.fromfile(source / "train.bin", dtype="<u2")
+    ids, counts = np.unique(train, return_counts=True)
+    kept = ids[np.argsort(-counts, kind="stable")][: vocab_size - 1]
+    table = np.full(2**16, vocab_size - 1, dtype="<u2")
+    table[kept] = np.arange(vocab_size - 1)
+    splits = {}
+    for split in ("train", "val"):
+        tokens = table[np.fromfile(source / f"{split}.bin", dtype="<u2")]
+        tokens.tofile(out_dir / f"{split}.bin")
+        splits[split] = {"file": f"{split}.bin", "num_tokens": len(tokens)}
+    meta = {"tokenizer": f"gpt2, top {vocab_size - 1} tokens", "vocab_size": vocab_size}
+    (out_dir / "meta.json").write_text(json.dumps({**meta, "splits": splits}))
+    return out_dir
+
+
+def overrides(run_dir: Path, corpus: Path, **extra: object) -> list[str]:
+    """The dotted overrides of a test run; detector thresholds stay at their defaults."""
+    values: dict[str, object] = {
+        "model.n_layer": 2,
+        "model.n_head": 2,
+        "model.n_embd": 32,
+        "model.block_size": 32,
+        "model.vocab_size": VOCAB,
+        "train.micro_batch_size": 8,
+        "train.log_interval": 1,
+        "train.eval_interval": 0,
+        "data.dataset": corpus,
+        "data.eval_batches": 2,
+        "run.device": "cpu",
+        "run.out_dir": run_dir.parent,
+        "run.name": run_dir.name,
+        "wandb.mode": "disabled",
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def run(run_dir: Path, corpus: Path, stop_step: int | None = None, **extra: object) -> dict:
+    """Train in this process (the caller holds the `dist_env` group); returns the summary."""
+    import train
+    from configs import load_config
+
+    return train.run(load_config(None, overrides(run_dir, corpus, **extra)), stop_step)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def events(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    found = read_jsonl(run_dir / "events.jsonl")
+    return [e for e in found if kind is None or e["kind"] == kind]
+
+
+def detections(run_dir: Path) -> list[dict[str, Any]]:
+    return [e for e in events(run_dir) if "metric" in e]
+
+
+def metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """The last training line of each step (after a rollback a step appears again)."""
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    return {line["step"]: line for line in lines if "loss" in line}
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())

@@ -1,0 +1,124 @@
+"""`python -m monitor.replay`: the steps before a detection, re-run from the checkpoint before
+it with telemetry at every step, reproduce the recorded losses bit for bit on the CPU."""
+
+import json
+
+import pytest
+import torch
+
+from data.loader import BatchLoader
+from monitor import replay
+from tests.monitor import runs
+
+pytestmark = pytest.mark.usefixtures("dist_env", "one_thread")
+
+POISONED = 140  # a random-token batch at this step, after the spike window (128) has filled
+
+
+@pytest.fixture
+def poisoned_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch of step POISONED (loader position POISONED - 1) is uniformly random tokens,
+    for the run and for its replay alike."""
+    next_step = BatchLoader.next_step
+
+    def poisoned(self: BatchLoader):
+        position = self.position
+        batches = next_step(self)
+        if position == POISONED - 1:
+            gen = torch.Generator().manual_seed(0)
+            return [
+                tuple(torch.randint(0, runs.VOCAB, x.shape, generator=gen) for x in b)
+                for b in batches
+            ]
+        return batches
+
+    monkeypatch.setattr(BatchLoader, "next_step", poisoned)
+
+
+def test_replay_reproduces_the_run_bitwise_with_telemetry_at_every_step(
+    tmp_path, corpus, poisoned_batch, capsys
+):
+    run_dir = tmp_path / "run"
+    knobs = {"train.log_interval": 5, "checkpoint.interval": 100}
+    runs.run(run_dir, corpus, POISONED + 5, **knobs)
+    found = runs.detections(run_dir)
+    assert {(e["step"], e["kind"]) for e in found} == {(POISONED, "spike")}
+    events_before = (run_dir / "events.jsonl").read_text()
+
+    assert replay.main([str(run_dir), "--event", "0", "--check"]) == 0
+    out_dir = run_dir / "replay-0"
+    assert "from step_00000100" in capsys.readouterr().out
+
+    lines = runs.metrics(out_dir)
+    assert sorted(lines) == list(range(101, POISONED + 1))  # from the checkpoint to the event
+    recorded = replay.recorded_losses(run_dir, 0)
+    both = sorted(recorded.keys() & lines.keys())
+    assert both == [105, *range(109, POISONED + 1)]  # log steps, then the 32-step evidence
+    assert [lines[s]["loss"] for s in both] == [recorded[s] for s in both]  # bitwise
+    logged = runs.metrics(run_dir)
+    for step in range(105, POISONED + 1, 5):  # same lr schedule, same weights
+        assert lines[step]["lr"] == logged[step]["lr"]
+        assert lines[step]["param_norm"] == logged[step]["param_norm"]
+    for line in lines.values():  # full telemetry at every step, per block too
+        assert len(line["attn_logit_max/layers"]) == 2 and "log_z" in line
+        assert {"param_norm/layer0", "param_norm/layer1", "update_ratio/layer1"} <= line.keys()
+
+    again = runs.detections(out_dir)  # the replay sees the same detections, same values
+    strip = [{k: e[k] for k in ("step", "kind", "metric", "value", "threshold")} for e in found]
+    assert [{k: e[k] for k in strip[0]} for e in again] == strip
+    assert runs.events(out_dir, "resume")[0]["step"] == 100
+    assert not (out_dir / "checkpoints").exists() or not any((out_dir / "checkpoints").iterdir())
+    assert (run_dir / "events.jsonl").read_text() == events_before  # the run's record untouched
+
+    # a second replay of the same event replaces the first
+    assert replay.main([str(run_dir), "--event", "-1"]) == 0
+    assert sorted(runs.metrics(out_dir)) == list(range(101, POISONED + 1))
+
+
+def test_bf16_high_lr_run_diverges_and_its_kept_checkpoint_replays(tmp_path, corpus):
+    """The paper's divergence setting in miniature: bf16 autocast, no weight decay, lr 0.1.
+    Attention logits pass 1000 (layer 1, step 47); the policy stops the run there."""
+    run_dir = tmp_path / "bf16"
+    knobs = {
+        "precision": "bf16",
+        "optim.lr": 0.1,
+        "optim.warmup_steps": 20,
+        "optim.weight_decay": 0.0,
+        "optim.schedule": "constant",
+        "checkpoint.interval": 10,
+        "divergence.policy": "stop",
+    }
+    summary = runs.run(run_dir, corpus, 60, **knobs)
+    found = runs.detections(run_dir)
+    assert summary["status"] == "diverged" and found
+    step = found[0]["step"]
+    assert (found[0]["kind"], found[0]["metric"], step) == (
+        "attn_logit",
+        "attn_logit_max/layer1",
+        47,
+    )
+    assert found[0]["value"] > 1000.0
+    kept = [p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "KEEP").exists()]
+    assert kept == ["step_00000040"]
+
+    assert replay.main([str(run_dir), "--event", "0", "--check"]) == 0
+    lines = runs.metrics(run_dir / "replay-0")
+    assert sorted(lines) == list(range(41, step + 1))
+    logged = runs.metrics(run_dir)  # log_interval 1: every step was recorded
+    assert [lines[s]["loss"] for s in lines] == [logged[s]["loss"] for s in lines]
+    assert lines[step]["attn_logit_max/layers"] == logged[step]["attn_logit_max/layers"]
+
+
+def test_replay_errors_are_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "quiet"
+    run_dir.mkdir()
+    (run_dir / "events.jsonl").write_text(json.dumps({"step": 5, "kind": "checkpoint"}) + "\n")
+    assert replay.main([str(run_dir)]) == 2
+    assert capsys.readouterr().err == f"error: {run_dir} has no detections in events.jsonl\n"
+    detection = {"step": 7, "kind": "spike", "metric": "loss", "value": 9.0, "threshold": 4.0}
+    with open(run_dir / "events.jsonl", "a") as f:
+        f.write(json.dumps({**detection, "time": 0.0, "detail": "", "evidence": []}) + "\n")
+    assert replay.main([str(run_dir), "--event", "1"]) == 2
+    assert "has 1 detections" in capsys.readouterr().err
+    assert replay.main([str(run_dir), "--event", "0"]) == 2
+    assert "no checkpoint from before step 7" in capsys.readouterr().err

@@ -16,10 +16,12 @@ from configs.schema import TrainConfig
 if TYPE_CHECKING:
     from launch.sweep import Run, Sweep
 
-# CPU cost model, measured with train.py on this project's 2-core machine while other agents'
-# jobs shared it (load 7-13): 3-10 GFLOP/s of model FLOPs plus ~0.4 s per step (DeepSpeed step,
-# telemetry), ~25 s per run (interpreter, imports, init), ~0.5 s per checkpoint of a small model.
-CPU_FLOPS_PER_S, CPU_STEP_S, CPU_RUN_S, CPU_CHECKPOINT_S = 5e9, 0.4, 25.0, 0.5
+# CPU cost model, fitted to train.py runs on one core of this project's 2-core machine with two
+# sweeps side by side (OMP_NUM_THREADS=1): a 4-layer, 64-wide GPT with the 10k compact vocabulary
+# took 45 s for 550 steps of 2 x 64 tokens and 174 s for 600 steps of 8 x 64 tokens. About
+# 10 GFLOP/s of model FLOPs, 0.02 s per step (DeepSpeed step, gate, telemetry), 10 s per run
+# (imports, DeepSpeed init), 0.5 s per checkpoint of a small model.
+CPU_FLOPS_PER_S, CPU_STEP_S, CPU_RUN_S, CPU_CHECKPOINT_S = 10e9, 0.02, 10.0, 0.5
 
 
 @functools.lru_cache(maxsize=64)

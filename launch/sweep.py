@@ -44,7 +44,7 @@ import yaml
 
 from configs import ConfigError, load_config, parse_override, read_yaml, to_yaml
 from configs.schema import TrainConfig
-from launch.cost import Cost, estimate
+from launch.cost import CPU_FLOPS_PER_S, Cost, estimate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXECUTORS = ("slurm", "local", "debug", "serial")
@@ -455,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print configs and cost only")
     parser.add_argument("--yes", action="store_true", help="submit without asking")
     parser.add_argument("--out", help="parent of the sweep directory (default: base's out_dir)")
-    parser.add_argument("--cpu-gflops", type=float, help="CPU rate for the estimate (5)")
+    parser.add_argument(
+        "--cpu-gflops", type=float, help=f"CPU rate for the estimate ({CPU_FLOPS_PER_S / 1e9:g})"
+    )
     return parser
 
 

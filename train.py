@@ -39,7 +39,7 @@ from monitor.policy import Action
 from monitor.run_record import RunRecord
 from monitor.sinks import write_json_atomic
 from monitor.telemetry import Telemetry
-from optim.engine import UpdateGate, initialize, set_lr
+from optim.engine import StepScalars, UpdateGate, initialize, set_lr
 from optim.schedule import lr_at
 
 
@@ -78,26 +78,22 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     # -----------------------------------------------------------------------------------------
     # data: the same global batch sequence on any number of ranks
     data_dir = resolve_dataset(cfg.data)
+    shape = dict(
+        block_size=cfg.model.block_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        vocab_size=cfg.model.vocab_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        device=env.device,
+    )
     loader = BatchLoader(
         data_dir / "train.bin",
-        vocab_size=cfg.model.vocab_size,
-        device=env.device,
-        block_size=cfg.model.block_size,
-        micro_batch_size=cfg.train.micro_batch_size,
         grad_accum_steps=cfg.train.grad_accum_steps,
-        rank=env.rank,
-        world_size=env.world_size,
         seed=cfg.run.seed,
+        **shape,
     )
     val_batches = validation_batches(
-        data_dir / "val.bin",
-        vocab_size=cfg.model.vocab_size,
-        device=env.device,
-        block_size=cfg.model.block_size,
-        micro_batch_size=cfg.train.micro_batch_size,
-        num_batches=cfg.data.eval_batches,
-        rank=env.rank,
-        world_size=env.world_size,
+        data_dir / "val.bin", num_batches=cfg.data.eval_batches, **shape
     )
     tokens_per_step = loader.global_batch_size * cfg.model.block_size
     record.message(
@@ -182,14 +178,8 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
         if not scalars.applied:
             record.event(event(step, "skip", loss=scalars.loss, grad_norm=scalars.grad_norm))
         if log_step:
-            line = {
-                "step": step,
-                "tokens": tokens,
-                "loss": scalars.loss,
-                "lr": lr,
-                "grad_norm": scalars.grad_norm,
-            }
-            line.update(telemetry.read(lr, scalars.grad_norm, output))
+            telemetry_fields = telemetry.read(lr, scalars.grad_norm, output)
+            line = metrics_line(step, tokens, lr, scalars, telemetry_fields)
             line.update(meter.read(step))
             watch.observe_telemetry(step, line)
             record.metrics(line)
@@ -239,7 +229,16 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
 
 
 def event(step: int, kind: str, **fields: Any) -> dict[str, Any]:
+    """One events.jsonl record."""
     return {"step": step, "kind": kind, "time": time.time(), **fields}
+
+
+def metrics_line(
+    step: int, tokens: int, lr: float, scalars: StepScalars, telemetry: dict[str, Any]
+) -> dict[str, Any]:
+    """One metrics.jsonl line of a log step: the gate's scalars, then the telemetry."""
+    line = {"step": step, "tokens": tokens, "loss": scalars.loss, "lr": lr}
+    return {**line, "grad_norm": scalars.grad_norm, **telemetry}
 
 
 def train_step(engine, gate: UpdateGate, telemetry: Telemetry, batches, step: int, log_step: bool):

@@ -39,7 +39,7 @@ from monitor.run_record import RunRecord
 from monitor.telemetry import Telemetry
 from optim.engine import UpdateGate, initialize, set_lr
 from optim.schedule import lr_at
-from train import train_step
+from train import metrics_line, train_step
 
 # the `tiny` preset (2 layers, 2 heads, 64 wide) with a short context
 TINY = {
@@ -101,14 +101,8 @@ def build_steps(cfg: TrainConfig) -> tuple[dict[str, Callable[[], None]], Callab
         )
         step += 1
         if log_step:  # the training loop's log-step body
-            line = {
-                "step": step,
-                "tokens": step * tokens_per_step,
-                "loss": scalars.loss,
-                "lr": lr,
-                "grad_norm": scalars.grad_norm,
-            }
-            line.update(telemetry.read(lr, scalars.grad_norm, output))
+            fields = telemetry.read(lr, scalars.grad_norm, output)
+            line = metrics_line(step, step * tokens_per_step, lr, scalars, fields)
             line.update(meter.read(step))
             watch.observe_telemetry(step, line)
             record.metrics(line)

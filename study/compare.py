@@ -23,7 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 
 from study.plots import finite, loss_limits, new_figure, palette, save_figure
-from study.runs import Run, StudyError, labels, load_runs, varying_keys
+from study.runs import Run, StudyError, labels, load_runs, report_dir, varying_keys
 from study.sensitivity import LRGroup, lr_groups
 
 # One marker per detection kind, drawn on the run's loss line at the detection step.
@@ -393,11 +393,8 @@ def report(runs: Sequence[Run], out: Path, smooth: float = 0.0) -> tuple[list[Pa
 
 
 def default_out(first: str) -> Path:
-    """`<sweep dir>/compare` for a sweep directory; `./compare` otherwise (never inside a run)."""
-    path = Path(first)
-    if path.is_dir() and not (path / "config.yaml").is_file():
-        return path / "compare"
-    return Path("compare")
+    """`<sweep dir>/compare` for a sweep directory; `./compare` otherwise."""
+    return report_dir(first, "compare", Path("compare"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

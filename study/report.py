@@ -47,7 +47,7 @@ from study.claims import (
 )
 from study.compare import markdown_table
 from study.plots import finite, loss_limits, new_figure, palette, save_figure
-from study.runs import DETECTION_KINDS, Run, StudyError, load_runs, varying_keys
+from study.runs import DETECTION_KINDS, Run, StudyError, load_runs, report_dir, varying_keys
 from study.stats import MIN_SEEDS, Stat, Z, versus_text
 
 # --- plots -----------------------------------------------------------------------------------
@@ -550,11 +550,8 @@ def build_report(
 
 
 def default_out(first: str) -> Path:
-    """`<sweep dir>/report` for a sweep directory, `docs/report` otherwise (never inside a run)."""
-    path = Path(first)
-    if path.is_dir() and not (path / "config.yaml").is_file():
-        return path / "report"
-    return Path("docs/report")
+    """`<sweep dir>/report` for a sweep directory, `docs/report` otherwise."""
+    return report_dir(first, "report", Path("docs/report"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -355,3 +355,12 @@ def labels(runs: Sequence[Run], keys: Sequence[str] | None = None) -> list[str]:
             )
         unique.append(text)
     return unique
+
+
+def report_dir(first: str, name: str, elsewhere: Path) -> Path:
+    """`<sweep dir>/<name>` when `first` is a sweep directory, else `elsewhere`: a report is
+    never written inside a run directory."""
+    path = Path(first)
+    if path.is_dir() and not (path / "config.yaml").is_file():
+        return path / name
+    return elsewhere

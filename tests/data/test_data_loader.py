@@ -188,5 +188,5 @@ def test_resolve_dataset(builtin_corpus: Path, tmp_path: Path) -> None:
     assert resolve_dataset(DataConfig(dataset=str(builtin_corpus))) == builtin_corpus
     with pytest.raises(DataError, match=r"python -m data.prepare openwebtext --out .*openwebtext"):
         resolve_dataset(DataConfig(dataset="openwebtext", data_dir=str(tmp_path)))
-    with pytest.raises(DataError, match="not 'builtin', 'openwebtext' or a prepared directory"):
+    with pytest.raises(DataError, match="'builtin-compact', 'openwebtext' or a prepared"):
         resolve_dataset(DataConfig(dataset=str(tmp_path)))

@@ -27,10 +27,10 @@ EXPECTED_RUNS = {
     "cpu_finetune_small_lr": 3,
     "cpu_adam_l2": 3,
     "cpu_bf16_divergence": 9,
-    "proxy_wd_norm": 6,
+    "proxy_wd_norm": 9,
     "proxy_adam_l2": 6,
     "proxy_lr_clip": 8,
-    "proxy_bf16_divergence": 6,
+    "proxy_bf16_divergence": 9,
     "proxy_controls": 8,
 }
 PROXY_BUDGET_MIN = 60

@@ -34,6 +34,7 @@ def overrides(out_dir: Path, name: str, **extra) -> list[str]:
     return tiny_overrides(
         **{
             "data.dataset": "builtin-compact",
+            "model.vocab_size": 10240,
             "precision": "fp32",
             "train.max_steps": STEPS,
             "train.log_interval": 1,

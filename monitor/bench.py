@@ -6,8 +6,9 @@ change the model or batch) whose steps alternate between these settings:
              log Z), the norm telemetry and a metrics line: a log step at `log_interval=1`;
     off      no detectors, no telemetry, no metrics line: a step far from any log step with
              `divergence.enabled=false`, `telemetry.enabled=false`;
-    nologit  `on` without the logit telemetry forward, to show what that forward costs: it grows
-             with the vocabulary (log Z is a logsumexp over every logit of the micro-batch).
+    nologit  `on` without the logit telemetry forward, to show what that forward costs;
+    detect   every detector on, not a log step: what most steps of a run are.
+A run's figure weighs them as a run does: `detect` on all steps but each log_interval-th (`on`).
 Every step runs what the training loop runs around `train.train_step` (lr, update gate with its
 one host read of loss and grad norm, summary.json); a log step adds the loop's log-step body.
 The settings alternate step by step in ABBA order, so drift in the machine's speed (other
@@ -113,6 +114,7 @@ def build_steps(cfg: TrainConfig) -> tuple[dict[str, Callable[[], None]], Callab
         "on": lambda: one_step(detectors=True, log_step=True, logits=True),
         "off": lambda: one_step(detectors=False, log_step=False, logits=False),
         "nologit": lambda: one_step(detectors=True, log_step=True, logits=False),
+        "detect": lambda: one_step(detectors=True, log_step=False, logits=False),
     }
     return steps, record.close
 
@@ -128,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    settings = ("on", "off", "nologit")
+    settings = ("on", "off", "nologit", "detect")
     wall: dict[str, list[float]] = {setting: [] for setting in settings}
     cpu: dict[str, list[float]] = {setting: [] for setting in settings}
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
@@ -165,6 +167,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         figures[f"overhead_{setting}"] = ratio = figures[f"{setting}_ms"] / figures["off_ms"] - 1
         cpu_ratio = figures[f"{setting}_cpu_ms"] / figures["off_cpu_ms"] - 1
         print(f"  {setting} / off: {100 * ratio:+.1f}% per step (CPU time {100 * cpu_ratio:+.1f}%)")
+    # a training run: every step is `detect` but each log_interval-th, which is `on`
+    interval = load_config(None).train.log_interval
+    run_ms = ((interval - 1) * figures["detect_ms"] + figures["on_ms"]) / interval
+    figures["overhead_run"] = run_ms / figures["off_ms"] - 1
+    print(
+        f"  a run at the default log_interval={interval} / off: "
+        f"{100 * figures['overhead_run']:+.1f}% per step"
+    )
     return figures
 
 

@@ -151,9 +151,22 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
             )
         )
     else:
-        if init_from is not None:  # weights and optimizer state; step, data and monitors anew
-            ckpt.load(engine, init_from, rng=False)
-            record.event(event(step, "init_from", path=str(init_from)))
+        if init_from is not None:  # weights and optimizer state; step and monitors anew
+            source = ckpt.load(engine, init_from, rng=False)
+            try:  # the same data, batch and seed: go on to data the source run has not seen
+                loader.load_state_dict(source["loader"])
+            except DataError:
+                pass  # another data order: it starts at its beginning
+            record.event(
+                event(
+                    step,
+                    "init_from",
+                    path=str(init_from),
+                    from_step=source["step"],
+                    from_tokens=source["tokens"],
+                    data_position=loader.position,
+                )
+            )
         ckpt.save(engine, harness_state())  # the first "last good" checkpoint
 
     # -----------------------------------------------------------------------------------------

@@ -216,8 +216,8 @@ def test_a_resume_path_that_is_not_a_checkpoint_is_a_one_line_error(dist_env, tm
 
 @pytest.mark.slow
 def test_init_from_starts_a_new_run_from_another_runs_weights(training_runs, tmp_path):
-    """Weights and optimizer state from the checkpoint, step 0 and a fresh data order; a rerun
-    of the new run then resumes its own checkpoints."""
+    """Weights and optimizer state from the checkpoint, step 0, and the data where the source
+    stopped (same data, batch and seed); a rerun of the new run then resumes its own."""
     from checkpoint.export import consolidated_state_dict, find_checkpoint
     from checkpoint.manager import CheckpointError
 
@@ -232,7 +232,8 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(training_runs, tmp
     with pytest.raises(CheckpointError, match=r"another model: model.n_embd \(16 -> 32\)"):
         runs.run_here(run_dir, 1, **extra, **{"model.n_embd": 32})
     assert runs.run_here(run_dir, 1, **extra)["steps"] == 2
-    assert [e["path"] for e in runs.events(run_dir, "init_from")] == [str(source)]
+    (started,) = runs.events(run_dir, "init_from")
+    assert (started["path"], started["from_step"], started["data_position"]) == (str(source), 6, 6)
     start = consolidated_state_dict(find_checkpoint(run_dir, 0))
     assert all(torch.equal(start[k], v) for k, v in consolidated_state_dict(source).items())
     assert sorted(runs.losses(run_dir)) == [1, 2]

@@ -31,7 +31,7 @@ from configs import ConfigError, load_config
 from configs.schema import TrainConfig
 from data.loader import BatchLoader, resolve_dataset, validation_batches
 from data.prepare import DataError
-from launch.distributed import init_distributed
+from launch.distributed import close_distributed, init_distributed
 from model import GPT
 from monitor.divergence import DivergenceWatch
 from monitor.perf import Throughput
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(path, overrides)
         summary = run(cfg)
+        close_distributed()
     except (ConfigError, CheckpointError, DataError) as err:
         print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
         return 2

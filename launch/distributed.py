@@ -76,3 +76,11 @@ def init_distributed(preference: str) -> DistEnv:
         world_size=int(os.environ["WORLD_SIZE"]),
         device=device,
     )
+
+
+def close_distributed() -> None:
+    """Leave the process group together: a rank exiting with gloo's threads still running can
+    abort in C++ ("terminate called without an active exception") and fail its launcher."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

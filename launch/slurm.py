@@ -205,8 +205,11 @@ class TrainTask(submitit.helpers.Checkpointable):
     def train(self, config: TrainConfig) -> dict[str, Any]:
         """`train.run`, imported late: torch and deepspeed load only inside the job."""
         import train
+        from launch.distributed import close_distributed
 
-        return train.run(config)
+        summary = train.run(config)
+        close_distributed()
+        return summary
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """The requeued attempt: the same task, resuming from the run dir's latest checkpoint."""

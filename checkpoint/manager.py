@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint.config import CheckpointConfig
-from monitor.sinks import write_json_atomic
+from monitor.sinks import write_json_atomic, write_text_atomic
 
 HARNESS_FILE = "harness.json"
 MANIFEST_FILE = "manifest.json"
@@ -396,12 +396,6 @@ def read_harness(path: Path) -> HarnessState:
         return json.loads((Path(path) / HARNESS_FILE).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint {path} has no readable {HARNESS_FILE}: {err}") from None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -45,6 +45,7 @@ import yaml
 from configs import ConfigError, load_config, parse_override, read_yaml, to_yaml
 from configs.schema import TrainConfig
 from launch.cost import CPU_FLOPS_PER_S, Cost, estimate
+from monitor.sinks import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXECUTORS = ("slurm", "local", "debug", "serial")
@@ -352,9 +353,7 @@ def write_manifest(sweep: Sweep, runs: list[Run], out: str, executor: str) -> Pa
             for r in runs
         ],
     }
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(yaml.safe_dump(manifest, sort_keys=False, width=1 << 20))
-    os.replace(partial, path)
+    write_text_atomic(path, yaml.safe_dump(manifest, sort_keys=False, width=1 << 20))
     return path
 
 

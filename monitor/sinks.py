@@ -4,7 +4,6 @@ Only rank 0 writes. The files are the source of truth; wandb mirrors them and ma
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.config import WandbConfig
+from monitor.detectors import json_safe
 
 # metrics.jsonl keys -> wandb names, namespaced and with units where they have one.
 WANDB_NAMES = {
@@ -31,22 +31,16 @@ WANDB_NAMES = {
 }
 
 
-def json_safe(value: Any) -> Any:
-    """NaN and infinities as the strings 'nan', 'inf', '-inf' so every line stays valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` in one rename, so a reader or a crash never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace `path` in one rename, so a reader or a crash never sees half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(json_safe(data), indent=2) + "\n")
-    os.replace(partial, path)
+    """`write_text_atomic` of `data` as strict JSON (non-finite floats as 'nan', 'inf')."""
+    write_text_atomic(path, json.dumps(json_safe(data), indent=2) + "\n")
 
 
 class RunFiles:

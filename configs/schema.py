@@ -22,8 +22,7 @@ class RunConfig(Section):
     )
     move_aside: bool = Field(
         False,
-        description="with checkpoint.resume=never: rename an existing run directory to "
-        "<name>.old-N first (without it, starting afresh over a run is refused)",
+        description="with checkpoint.resume=never: move an existing run to <name>.old-N first",
     )
 
     @field_validator("name")

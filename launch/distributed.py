@@ -7,6 +7,8 @@ from datetime import timedelta
 
 import torch
 
+from configs import ConfigError
+
 # A rank that dies leaves the others blocked in a collective; this bounds how long they wait.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
@@ -33,7 +35,7 @@ def pick_device(preference: str) -> torch.device:
     """This rank's device: `cuda:LOCAL_RANK` when it sees all of the node's GPUs (torchrun,
     `srun --gpus-per-node`), `cuda:0` when it sees one (`srun --gpus-per-task=1`)."""
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible (use run.device=cpu)")
+        raise ConfigError("run.device=cuda but no CUDA device is visible (use run.device=cpu)")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint.manager import KEEP_FILE, MANIFEST_FILE, file_crc32
+from checkpoint.manager import KEEP_FILE, MANIFEST_FILE, CheckpointError, file_crc32
 from data.loader import BatchLoader
 from model import GPT
 from tests.monitor import runs
@@ -157,8 +157,11 @@ def test_nan_in_a_gradient_is_nonfinite_and_withheld_and_training_goes_on(tmp_pa
     assert same(states[0], states[1]) and not same(states[1], states[2])
 
 
-def test_learning_rate_blow_up_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
-    """20 healthy steps, then the run is resumed with lr=3, no warmup, no clipping."""
+def test_learning_rate_blow_up_stops_the_run_and_a_restart_resumes_the_last_good_checkpoint(
+    tmp_path, corpus
+):
+    """20 healthy steps, then the run is resumed with lr=3, no warmup, no clipping; then the
+    same command again."""
     run_dir = tmp_path / "blowup"
     runs.run(run_dir, corpus, 20, **{"checkpoint.interval": 10})
     hot = {
@@ -194,6 +197,29 @@ def test_learning_rate_blow_up_stops_the_run_and_keeps_the_last_good_checkpoint(
     resumed = runs.run(healthy, corpus, 22, **{"checkpoint.resume": kept[0]})
     assert resumed["status"] == "completed" and runs.detections(healthy) == []
     assert runs.metrics(healthy)[21]["loss"] == runs.metrics(run_dir)[21]["loss"]
+
+    # The restart. The diverged state is kept beside the checkpoints, never resumed by default:
+    # the same command again resumes from the pinned last good one (a `resume` event says why),
+    # a config change still needs force_resume, and checkpoint.resume=PATH loads the diverged one.
+    ckpts = run_dir / "checkpoints"
+    diverged = ckpts / f"diverged_step_{first:08d}"
+    assert (diverged / "harness.json").is_file()
+    assert runs.events(run_dir, "stop")[-1]["path"] == str(diverged)
+    assert (ckpts / "latest").read_text().strip() == "step_00000020"
+
+    again = runs.run(run_dir, corpus, **hot)  # the same command: the same detection, again
+    (resume,) = runs.events(run_dir, "resume")
+    assert resume["path"] == str(ckpts / "step_00000020") and resume["step"] == 20
+    assert f"divergence stop at step {first}" in resume["reason"]
+    assert again["status"] == "diverged" and again["steps"] == first
+    assert diverged.is_dir() and (ckpts / "step_00000020" / KEEP_FILE).is_file()
+
+    with pytest.raises(CheckpointError, match="optim.lr"):  # the guard: lr 3 -> 1e-3
+        runs.run(run_dir, corpus, **{"checkpoint.interval": 10})
+    explicit = runs.run(run_dir, corpus, first + 1, **{**hot, "checkpoint.resume": diverged})
+    assert runs.events(run_dir, "resume")[-1]["path"] == str(diverged)
+    assert runs.events(run_dir, "resume")[-1]["reason"] == "checkpoint.resume names it"
+    assert explicit["steps"] == first + 1
 
 
 def scale_attention(checkpoint: Path, layer: int, factor: float) -> None:

@@ -186,8 +186,14 @@ def _load(source: Source, arrow_dir: Path, num_proc: int) -> tuple["Dataset", st
     paths = [source] if isinstance(source, str | Path) else list(source)
     files = _find_files(paths)
     description = "local files: " + ", ".join(str(p) for p in paths)
-    texts = (text for file in tqdm(files, desc="reading", unit="file") for text in _read(file))
-    return _texts_to_dataset(texts, arrow_dir, description), description
+    return _texts_to_dataset(_read_all(files), arrow_dir, description), description
+
+
+def _read_all(files: list[Path]) -> Iterator[str]:
+    """The documents of every file, with a progress bar ended (its line too) on any error."""
+    with tqdm(files, desc="reading", unit="file") as bar:
+        for file in bar:
+            yield from _read(file)
 
 
 def _load_hub(source: HubSource, num_proc: int) -> "Dataset":

@@ -133,7 +133,7 @@ CASES = [
     # checkpoint.export
     ("export-missing", "checkpoint.export", ["{tmp}/nope", "--to", "torch"], "does not exist"),
     ("export-empty", "checkpoint.export", ["{in}/other", "--to", "hf"], "no complete checkpoint"),
-    ("export-step", "checkpoint.export", ["{run}", "--step", "3", "--to", "hf"], "steps: 2, 4, 5"),
+    ("export-step", "checkpoint.export", ["{run}", "--step", "3", "--to", "hf"], "steps: 4, 5"),
     ("export-step-type", "checkpoint.export", ["{run}", "--step", "x", "--to", "hf"], "--step"),
     ("export-to", "checkpoint.export", ["{run}", "--to", "onnx"], "--to"),
     (

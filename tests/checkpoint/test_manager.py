@@ -166,8 +166,13 @@ def test_select_resume_skips_unreadable_harness_but_never_starts_afresh(tmp_path
     (ckpt.dir / tag_for(0) / HARNESS_FILE).unlink()
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="none has a readable"):
         select_resume(ckpt, cfg, 1)
-    cfg.checkpoint.resume = "never"
-    assert select_resume(ckpt, cfg, 1) == []
+    cfg.checkpoint.resume = "never"  # a fresh start over them: refused, or the run moved aside
+    with pytest.raises(CheckpointError, match="already holds a run .checkpoints.; checkpoint"):
+        select_resume(ckpt, cfg, 1)
+    cfg.run.move_aside = True
+    with pytest.warns(UserWarning, match="moved the earlier run"):
+        assert select_resume(ckpt, cfg, 1) == []
+    assert not ckpt.dir.exists() and (tmp_path / "run.old-1" / "checkpoints" / tag_for(2)).is_dir()
 
 
 def test_changed_keys_allow_harmless_and_world_size_changes():

@@ -208,14 +208,18 @@ def test_learning_rate_blow_up_stops_the_run_and_a_restart_resumes_the_last_good
     assert (ckpts / "latest").read_text().strip() == "step_00000020"
 
     again = runs.run(run_dir, corpus, **hot)  # the same command: the same detection, again
-    (resume,) = runs.events(run_dir, "resume")
+    resume = runs.events(run_dir, "resume")[-1]
     assert resume["path"] == str(ckpts / "step_00000020") and resume["step"] == 20
     assert f"divergence stop at step {first}" in resume["reason"]
     assert again["status"] == "diverged" and again["steps"] == first
     assert diverged.is_dir() and (ckpts / "step_00000020" / KEEP_FILE).is_file()
 
-    with pytest.raises(CheckpointError, match="optim.lr"):  # the guard: lr 3 -> 1e-3
-        runs.run(run_dir, corpus, **{"checkpoint.interval": 10})
+    with pytest.raises(CheckpointError, match="optim.lr"):  # the guard stays: 1e-3 -> 1e-2
+        runs.run(run_dir, corpus, **{"checkpoint.interval": 10, "optim.lr": 0.01})
+    calm = runs.run(run_dir, corpus, first + 1, **{"checkpoint.interval": 10})  # step 20's lr
+    assert calm["status"] == "completed" and runs.detections(run_dir)[-1]["step"] == first
+    assert runs.events(run_dir, "resume")[-1]["path"] == str(ckpts / "step_00000020")
+    assert runs.metrics(run_dir)[21]["loss"] == runs.metrics(healthy)[21]["loss"]
     explicit = runs.run(run_dir, corpus, first + 1, **{**hot, "checkpoint.resume": diverged})
     assert runs.events(run_dir, "resume")[-1]["path"] == str(diverged)
     assert runs.events(run_dir, "resume")[-1]["reason"] == "checkpoint.resume names it"

@@ -2,7 +2,6 @@
 directory from a tiny config. Also: the README's config-key table is the schema's."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,26 +17,13 @@ import yaml
 from checkpoint.export import consolidated_state_dict
 from configs import key_table
 from configs.readme import END, START, render, table_block
-from tests.helpers import cli_env, finished_run_args, run_cli, tiny_overrides, tree_hash
+from tests.helpers import ROOT, cli_env, finished_run_args, run_cli, tiny_overrides, tree_hash
 
-ROOT = Path(__file__).resolve().parents[1]
-# A process group set up earlier in this pytest process (the `dist_env` fixture) leaves its
-# rendezvous in os.environ; a child must make its own.
-RENDEZVOUS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-ENV = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-ENV.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1")
 STEPS = 10
 
 
-def train(*args: str, timeout_s: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", *map(str, args)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
+def train(*args: object) -> subprocess.CompletedProcess:
+    return run_cli("train.py", *args)
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

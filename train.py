@@ -238,6 +238,10 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     preemption.uninstall()
     summary = record.summary(status=status, steps=step, watch=watch)
     record.close()
+    if status == "diverged" and cfg.divergence.diagnose:  # the stop is saved: now ask why
+        from monitor.diagnose import after_stop
+
+        after_stop(run_dir, step)
     return summary
 
 

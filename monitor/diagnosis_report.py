@@ -1,0 +1,147 @@
+"""The written diagnosis: report.md, diagnosis.json and the timeline figure (rank 0 only)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monitor.sinks import write_json_atomic, write_text_atomic
+
+MAX_DRAWN = 10  # departed series in the figure, earliest first
+
+
+def write_report(
+    out: Path, result: dict[str, Any], lines: Sequence[dict[str, Any]], step: int
+) -> None:
+    """diagnosis.json, timeline.png (when some series departed) and report.md into `out`."""
+    write_json_atomic(out / "diagnosis.json", result)
+    figure = timeline_figure(out / "timeline.png", result["timeline"], lines, step)
+    write_text_atomic(out / "report.md", markdown(result, figure))
+
+
+def timeline_figure(
+    path: Path, departures: Sequence[dict[str, Any]], lines: Sequence[dict[str, Any]], step: int
+) -> Path | None:
+    """The departed series over steps, each divided by its baseline, on one log axis, with the
+    departures marked and the detection step drawn."""
+    if not departures:
+        return None
+    from monitor.diagnose import signal_series
+    from study.plots import new_figure, palette, save_figure
+
+    series = signal_series(lines)
+    drawn = departures[:MAX_DRAWN]
+    start = min(d["step"] for d in drawn)
+    first = max(0, start - max(10, step - start))
+    fig, (ax,) = new_figure(1)
+    handles, texts = [], []
+    for d, color in zip(drawn, palette(len(drawn)), strict=True):
+        points = [(s, v) for s, v in series[d["series"]] if first <= s <= step]
+        base = d["baseline"] if d["baseline"] and math.isfinite(d["baseline"]) else 1.0
+        ratios = [v / base if math.isfinite(v) and v > 0 else math.nan for _, v in points]
+        (line,) = ax.plot([s for s, _ in points], ratios, color=color, lw=1.3)
+        if math.isfinite(d["value"]) and d["value"] > 0:
+            ax.plot(d["step"], d["value"] / base, "o", color=color, mec="black", ms=7)
+        handles.append(line)
+        texts.append(f"{d['series']} (left at {d['step']})")
+    ax.axvline(step, color="black", ls="--", lw=1)
+    ax.set_yscale("log")
+    ax.set_ylabel("value / its baseline (median)")
+    ax.set_title(f"departures from baseline; dashed: the detection at step {step}")
+    return save_figure(fig, path, handles, texts, "Which signal departed first")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown(result: dict[str, Any], figure: Path | None) -> str:
+    """The report: verdict, then each step's evidence, the mechanisms and the cost."""
+    e, r = result["event"], result["reproduce"]
+    detected = e["step"]
+    sections = [
+        f"# Diagnosis of detection {result['index']}: {e['kind']} of {e['metric']} "
+        f"at step {detected}\n",
+        f"{result['summary']}\n",
+        f"Run: `{result['run_dir']}`, {result['world_size']} rank(s); replays from "
+        f"`{result['checkpoint']}`. Detection: {e['metric']} = {_fmt(e['value'])} "
+        f"(threshold {_fmt(e['threshold'])}): {e['detail']}\n",
+        "## 1. Reproducible or transient\n",
+        f"Replayed with the same batches, the detection "
+        + ("recurred" if r["reproduced"] else "did not recur")
+        + "; the replay was "
+        + ("exact (losses and grad norms equal bitwise)." if r["exact"] else "not exact:")
+        + "\n",
+    ]
+    if r["mismatches"]:
+        sections.append(
+            "\n".join(
+                f"- {m['key']} at step {m['step']}: recorded {m['recorded']!r}, "
+                f"replayed {m['replayed']!r}"
+                for m in r["mismatches"][:10]
+            )
+            + "\n"
+        )
+    at = r["at_detection"]
+    sections.append(
+        f"At step {detected}: "
+        + ", ".join(
+            f"{k} recorded {v['recorded']!r}, replayed {v['replayed']!r}" for k, v in at.items()
+        )
+        + ".\n"
+    )
+    sections.append(
+        f"## 2. Data or state\n\n**{result['cause']}** ({result['confidence']} confidence): {result['cause_evidence']}.\n"
+    )
+    rows = [
+        f"| {p['name']} | {p['start_step']} | {'-' if p['position'] is None else p['position']} "
+        f"| {p['stop_step']} | {'yes' if p['blew_up'] else 'no'} |"
+        for p in result["replays"]
+    ]
+    sections.append(
+        "| replay | from step | loader position | to step | blew up |\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+    batch = result["suspect_batch"]
+    if batch:
+        ranges = ", ".join(f"[{a}, {b})" for a, b in batch["token_ranges"][:8])
+        more = len(batch["token_ranges"]) - 8
+        sections.append(
+            f"Suspect batch: loader position {batch['position']} (epoch {batch['epoch']}), "
+            f"{len(batch['windows'])} windows of `{batch['file']}`, token ranges {ranges}"
+            + (f" and {more} more (all in diagnosis.json)" if more > 0 else "")
+            + ".\n"
+        )
+    sections.append("## 3. Which signal departed first\n")
+    if result["timeline"]:
+        sections.append(
+            "| series | left its baseline at step | steps before the detection | baseline | "
+            "value | robust z |\n|---|---|---|---|---|---|\n"
+            + "\n".join(
+                f"| {d['series']} | {d['step']} | {detected - d['step']} | {_fmt(d['baseline'])} "
+                f"| {_fmt(d['value'])} | {_fmt(d['z'])} |"
+                for d in result["timeline"]
+            )
+            + "\n"
+        )
+    else:
+        sections.append("No series left its baseline up to the detection.\n")
+    if figure is not None:
+        sections.append(f"![timeline]({figure.name})\n")
+    sections.append("## 4. Likely mechanism\n")
+    for i, m in enumerate(result["mechanisms"], 1):
+        fixes = "; ".join(m["remedies"]) or "none proposed"
+        sections.append(
+            f"{i}. **{m['name']}** ({m['confidence']} confidence): {m['evidence']}. "
+            f"Remedies: {fixes}."
+        )
+    c = result["cost"]
+    sections.append(
+        f"\n## Cost\n\n{c['replays']} replays, {c['steps_replayed']} steps replayed, "
+        f"{c['minutes']:.2f} minutes.\n"
+    )
+    return "\n".join(sections)

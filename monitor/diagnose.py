@@ -525,7 +525,9 @@ def diagnose(
     found: dict[str, Any] = {
         "reproduced": first.blew_up,
         "exact": not differ,
-        "mismatches": [dict(zip(("key", "step", "recorded", "replayed"), m)) for m in differ],
+        "mismatches": [
+            dict(zip(("key", "step", "recorded", "replayed"), m, strict=True)) for m in differ
+        ],
         "at_detection": detection_values(run_dir, plan.index, out / first.name, step),
     }
     run_lines = [line for line in replay.read_jsonl(run_dir / "metrics.jsonl")]

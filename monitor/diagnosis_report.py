@@ -71,7 +71,7 @@ def markdown(result: dict[str, Any], figure: Path | None) -> str:
         f"`{result['checkpoint']}`. Detection: {e['metric']} = {_fmt(e['value'])} "
         f"(threshold {_fmt(e['threshold'])}): {e['detail']}\n",
         "## 1. Reproducible or transient\n",
-        f"Replayed with the same batches, the detection "
+        "Replayed with the same batches, the detection "
         + ("recurred" if r["reproduced"] else "did not recur")
         + "; the replay was "
         + ("exact (losses and grad norms equal bitwise)." if r["exact"] else "not exact:")
@@ -95,7 +95,8 @@ def markdown(result: dict[str, Any], figure: Path | None) -> str:
         + ".\n"
     )
     sections.append(
-        f"## 2. Data or state\n\n**{result['cause']}** ({result['confidence']} confidence): {result['cause_evidence']}.\n"
+        f"## 2. Data or state\n\n**{result['cause']}** ({result['confidence']} confidence): "
+        f"{result['cause_evidence']}.\n"
     )
     rows = [
         f"| {p['name']} | {p['start_step']} | {'-' if p['position'] is None else p['position']} "

@@ -3,8 +3,8 @@
 Causes are made the way tests/monitor/test_runs.py injects failures: a batch of random tokens
 written into train.bin (data), a learning rate forced up on resume (state: optimizer), a high
 lr in bf16 without decay (state: attention, in the layer that crossed), a NaN put into one
-step's gradient by a forward hook the replay does not have (transient). Numbers that depend on the CPU's bf16 kernels are
-never asserted, only the verdicts.
+step's gradient by a forward hook the replay does not have (transient). Numbers that depend
+on the CPU's bf16 kernels are never asserted, only the verdicts.
 """
 
 import json
@@ -37,7 +37,10 @@ def poisoned_corpus(corpus: Path, out: Path, step: int, global_batch: int) -> tu
     for name in ("train.bin", "val.bin", "meta.json"):
         shutil.copy(corpus / name, out / name)
     loader = BatchLoader(
-        out / "train.bin", block_size=32, micro_batch_size=global_batch, seed=1337,
+        out / "train.bin",
+        block_size=32,
+        micro_batch_size=global_batch,
+        seed=1337,
         vocab_size=runs.VOCAB,
     )
     windows = [int(w) for w in loader.windows(step - 1)]
@@ -115,9 +118,7 @@ def test_learning_rate_blow_up_is_state_optimizer(tmp_path, corpus):
     assert ratio["step"] == 21 < first  # the first step at lr 3, before the detection
 
 
-def test_attention_growth_in_bf16_without_decay_is_state_attention_of_that_layer(
-    tmp_path, corpus
-):
+def test_attention_growth_in_bf16_without_decay_is_state_attention_of_that_layer(tmp_path, corpus):
     """bf16, lr 0.1, no weight decay: one layer's attention logits grow past 1000. Which layer
     and at which step depends on the CPU's bf16 kernels; the diagnosis must name that layer."""
     run_dir = tmp_path / "attn"

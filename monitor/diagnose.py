@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -60,18 +58,19 @@ from checkpoint.manager import (
 from configs import ConfigError, validate
 from configs.schema import TrainConfig
 from monitor import replay
-from monitor.detectors import GRAD_NORM_LOG_FLOOR, SpikeDetector, json_safe
+from monitor.detectors import json_safe
+from monitor.diagnosis_report import summary_text, write_report
+from monitor.signals import (
+    Mechanism,
+    departure,
+    remedies,
+    signal_series,
+    state_mechanisms,
+    timeline,
+)
 from monitor.sinks import write_json_atomic
 
 NUM_BATCHES = 3
-# Metrics that are not signals of the model's state: schedule, throughput, bookkeeping, and
-# aggregates whose parts are judged (`attn_logit_max` is the max of the per-layer readings).
-_NOT_SIGNALS = re.compile(
-    r"^(step|tokens|time|lr|eff_lr(/.*)?|tok_per_s|mfu|step_time_ms|peak_mem_mb|clip_frac"
-    r"|skipped_steps|grad_norm_clipped|attn_logit_max|attn_logit_max/layers|val_.*)$"
-)
-# Fewest baseline readings before a series is judged (the detectors' smallest window).
-MIN_BASELINE = 8
 
 
 @dataclass
@@ -84,25 +83,6 @@ class Replay:
     position: int | None  # loader position of its first step, when it was moved there
     blew_up: bool  # the detection recurred, or its metric left its baseline there
     detections: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class Departure:
-    """A series' first lasting departure from its own baseline."""
-
-    series: str
-    step: int
-    value: float
-    baseline: float  # the baseline's median, on the series' own scale
-    z: float  # robust z-score of the departing reading (inf when it was not finite)
-
-
-@dataclass
-class Mechanism:
-    name: str
-    evidence: str
-    remedies: list[str]
-    confidence: str  # high, medium, low
 
 
 # --- replays ---------------------------------------------------------------------------------
@@ -150,6 +130,7 @@ def run_replay(
         shutil.rmtree(run_dir, ignore_errors=True)
     _barrier()
     train.run(variant(cfg, out_dir, name, resume, save_at), stop_step=stop_step)
+    _barrier()  # rank 0's files are complete: every rank reads them and decides alike
     found = replay.detections(run_dir)
     recurred = any(
         e["step"] == stop_step and (e["kind"], e["metric"]) == (event["kind"], event["metric"])
@@ -293,206 +274,6 @@ def data_or_state(others: Sequence[Replay], earlier: Replay | None) -> tuple[str
     return "state", "low", evidence
 
 
-# --- 3. which signal departed first ----------------------------------------------------------
-
-
-def signal_series(lines: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """Every signal of metrics lines as (step, value) readings, one per step (the last line).
-
-    Per-layer attention logits become `attn_logit_max/layer{i}`, log Z its magnitude `|log_z|`;
-    keys this module does not know (sharpness, ...) are taken as they are if numeric.
-    """
-    by_step = {line["step"]: line for line in lines if "loss" in line}
-    series: dict[str, list[tuple[int, float]]] = {}
-    for step in sorted(by_step):
-        for key, value in by_step[step].items():
-            if key == "attn_logit_max/layers":
-                for layer, reading in enumerate(value):
-                    series.setdefault(f"attn_logit_max/layer{layer}", []).append(
-                        (step, _float(reading))
-                    )
-                continue
-            if _NOT_SIGNALS.match(key) or isinstance(value, bool):
-                continue
-            number = _float(value)
-            if number is None:
-                continue
-            name, number = ("|log_z|", abs(number)) if key == "log_z" else (key, number)
-            series.setdefault(name, []).append((step, number))
-    return series
-
-
-def _float(value: Any) -> float | None:
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-        return float(value)
-    return None
-
-
-def departure(
-    name: str, readings: Sequence[tuple[int, float]], sigma: float, loss_floor: float, window: int
-) -> Departure | None:
-    """The first lasting upward departure of one series from its rolling robust baseline.
-
-    Each reading is judged as the spike detector judges the loss (linear, std floored at
-    `loss_floor`) or the grad norm (every other series: log scale, a 5% floor), against up to
-    `window` earlier unflagged readings, once `MIN_BASELINE` are there. A non-finite reading
-    counts as flagged. The departure is the first flagged reading from which on at least half
-    of the readings are flagged: a lone outlier that the series comes back from is not one.
-    """
-    log = name != "loss"
-    size = max(MIN_BASELINE, min(window, len(readings) // 2))
-    detector = SpikeDetector(
-        name,
-        size,
-        sigma,
-        GRAD_NORM_LOG_FLOOR if log else loss_floor,
-        log_scale=log,
-    )
-    judged: list[tuple[int, float, float, float]] = []  # step, value, baseline, z (flagged)
-    flagged = []
-    for step, value in readings:
-        baseline = _baseline(detector, log)
-        if not math.isfinite(value):
-            judged.append((step, value, baseline, math.inf))
-            flagged.append(True)
-            continue
-        z = detector.score(value)
-        detector.update(step, value)
-        hit = z is not None and z > sigma
-        flagged.append(hit)
-        if hit:
-            judged.append((step, value, baseline, z))
-    for step, value, baseline, z in judged:
-        i = next(i for i, (s, _) in enumerate(readings) if s == step)
-        if 2 * sum(flagged[i:]) >= len(flagged) - i:
-            return Departure(name, step, value, baseline, z)
-    return None
-
-
-def _baseline(detector: SpikeDetector, log: bool) -> float:
-    values = detector.state_dict()["values"]
-    if not values:
-        return math.nan
-    center = float(np.median(values))
-    return math.exp(center) if log else center
-
-
-def timeline(
-    series: dict[str, list[tuple[int, float]]], cfg: TrainConfig, step: int
-) -> list[Departure]:
-    """The departures of every series up to `step`, earliest first (larger z first on a tie)."""
-    d = cfg.divergence
-    found = []
-    for name, readings in series.items():
-        readings = [(s, v) for s, v in readings if s <= step]
-        hit = departure(name, readings, d.spike_sigma, d.std_floor, d.window)
-        if hit is not None:
-            found.append(hit)
-    return sorted(found, key=lambda h: (h.step, -h.z, h.series))
-
-
-# --- 4. the mechanism ------------------------------------------------------------------------
-
-# State mechanisms, in the order that breaks a tie of departure steps: the logits first (they
-# are what a detection of their own kind shows), then the update before the weight norms (an
-# oversized update moves the norms in the same step, so norms that depart with it follow it).
-_PRIORITY = ("attention", "output_logit", "optimizer", "weight_norm")
-
-
-def mechanism_of(series: str) -> str | None:
-    """The state mechanism a departed series points at, None for the loss and others."""
-    if series.startswith("attn_logit_max/layer"):
-        return "attention"
-    if series == "|log_z|":
-        return "output_logit"
-    if series.startswith("param_norm"):
-        return "weight_norm"
-    if series.startswith(("update_ratio", "sharpness")) or series == "grad_norm":
-        return "optimizer"
-    return None
-
-
-def remedies(name: str, cfg: TrainConfig, batch: dict[str, Any] | None = None) -> list[str]:
-    """The harness's own knobs that answer mechanism `name`, with the run's current values."""
-    o = cfg.optim
-    lower_lr = f"a lower `optim.lr` (now {o.lr:g})"
-    if name == "attention":
-        return [
-            "`model.qk_layernorm=true`",
-            lower_lr,
-            f"weight decay: `optim.weight_decay` (now {o.weight_decay:g})",
-        ]
-    if name == "output_logit":
-        return [f"`model.z_loss=1e-4` (now {cfg.model.z_loss:g})"]
-    if name == "weight_norm":
-        if o.weight_decay == 0:
-            return ["`optim.weight_decay=0.1` (now 0: no decay)"]
-        return [f"a higher `optim.weight_decay` (now {o.weight_decay:g})"]
-    if name == "optimizer":
-        clip = (
-            f"`optim.grad_clip=1.0` (now {o.grad_clip:g}: off)"
-            if o.grad_clip == 0
-            else (f"a tighter `optim.grad_clip` (now {o.grad_clip:g})")
-        )
-        return [lower_lr, f"a higher `optim.eps`, e.g. 1e-6 (now {o.eps:g})", clip]
-    if name == "bad_batch":
-        where = f" (loader position {batch['position']})" if batch else ""
-        return [
-            "`divergence.policy=skip` (withholds the step and moves past its batch) or `rollback`",
-            f"drop or inspect the batch{where}: its token ranges are in diagnosis.json",
-        ]
-    if name == "transient":
-        return ["rerun (resume from the last checkpoint); if it recurs, check the hardware"]
-    return []
-
-
-def state_mechanisms(
-    departures: Sequence[Departure], event: dict[str, Any], step: int, cfg: TrainConfig
-) -> list[Mechanism]:
-    """State mechanisms ranked by how early their signal left its baseline.
-
-    The detection itself counts as a reading of its own signal (an attention-logit detection
-    of layer L shows attention, an output-logit one log Z) at the detection step. The first
-    is `high` when its signal departed at least 2 steps before any other mechanism's and
-    before the detection, `medium` when it still led, `low` otherwise.
-    """
-    first: dict[str, Departure] = {}
-    for hit in departures:
-        name = mechanism_of(hit.series)
-        if name is not None and name not in first:
-            first[name] = hit
-    own = {"attn_logit": "attention", "output_logit": "output_logit"}.get(event["kind"])
-    if own is not None and own not in first:
-        series = event["metric"] if own == "attention" else "|log_z|"
-        value = abs(float(event["value"])) if own == "output_logit" else float(event["value"])
-        first[own] = Departure(series, step, value, math.nan, math.nan)
-    if not first:
-        return []
-    order = sorted(first, key=lambda n: (first[n].step, n != own, _PRIORITY.index(n)))
-    ranked = []
-    for i, name in enumerate(order):
-        hit = first[name]
-        lead = step - hit.step
-        if i == 0:
-            runner_up = first[order[1]].step if len(order) > 1 else math.inf
-            confidence = (
-                "high" if runner_up - hit.step >= 2 and lead >= 2 else "medium" if lead else "low"
-            )
-        else:
-            confidence = "low"
-        if math.isnan(hit.z):
-            evidence = f"the detection itself: {event['metric']} = {event['value']}"
-        else:
-            evidence = (
-                f"{hit.series} left its baseline ({hit.baseline:.4g}) at step {hit.step}, "
-                f"{lead} steps before the detection ({hit.value:.4g}, z {hit.z:.1f})"
-            )
-        ranked.append(Mechanism(name, evidence, remedies(name, cfg), confidence))
-    return ranked
-
-
 # --- the diagnosis ---------------------------------------------------------------------------
 
 
@@ -530,7 +311,7 @@ def diagnose(
         ],
         "at_detection": detection_values(run_dir, plan.index, out / first.name, step),
     }
-    run_lines = [line for line in replay.read_jsonl(run_dir / "metrics.jsonl")]
+    run_lines = replay.read_jsonl(run_dir / "metrics.jsonl")
     batch = None
     if first.blew_up:
         # 2. other batches from the state before the step; the suspect one from an earlier state
@@ -610,8 +391,6 @@ def diagnose(
     }
     result["summary"] = summary_text(result)
     if _rank() == 0:
-        from monitor.diagnosis_report import write_report
-
         write_report(out, result, lines, step)
         append_event(run_dir, result, out)
     _barrier()
@@ -636,48 +415,6 @@ def _not_reproduced(found: dict[str, Any], step: int) -> str:
         f"replayed {m['replayed']!r}), so a transient fault cannot be told from "
         f"non-determinism; at step {step}: {at}"
     )
-
-
-def summary_text(result: dict[str, Any]) -> str:
-    """The one-paragraph answer: cause, mechanism, first departures, remedies, cost."""
-    e, top = result["event"], result["mechanisms"][0]
-    cause = result["cause"]
-    head = f"Detection {result['index']} ({e['kind']} of {e['metric']} at step {e['step']}) "
-    if cause in ("data", "state"):
-        head += f"is reproducible and {cause}-caused ({result['confidence']} confidence): "
-    elif cause == "transient":
-        head += f"is transient ({result['confidence']} confidence): "
-    else:
-        head += "has an undetermined cause: "
-    parts = [head + result["cause_evidence"] + "."]
-    batch = result["suspect_batch"]
-    if cause == "data" and batch:
-        ranges = ", ".join(f"[{a}, {b})" for a, b in batch["token_ranges"][:3])
-        more = len(batch["token_ranges"]) - 3
-        parts.append(
-            f"The batch is loader position {batch['position']}: {len(batch['windows'])} "
-            f"windows of {batch['file']}, tokens {ranges}"
-            + (f" and {more} more." if more > 0 else ".")
-        )
-    if cause == "state":
-        parts.append(f"Likely mechanism: {top['name']} ({top['confidence']}): {top['evidence']}.")
-    departed = result["timeline"][:3]
-    if departed:
-        parts.append(
-            "First departures: "
-            + "; ".join(
-                f"{d['series']} at step {d['step']} ({e['step'] - d['step']} steps before)"
-                for d in departed
-            )
-            + "."
-        )
-    if top["remedies"]:
-        parts.append("Try: " + "; ".join(top["remedies"]) + ".")
-    c = result["cost"]
-    parts.append(
-        f"Cost: {c['replays']} replays, {c['steps_replayed']} steps, {c['minutes']:.1f} minutes."
-    )
-    return " ".join(parts)
 
 
 def append_event(run_dir: Path, result: dict[str, Any], out: Path) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from monitor.signals import signal_series
 from monitor.sinks import write_json_atomic, write_text_atomic
 
 MAX_DRAWN = 10  # departed series in the figure, earliest first
@@ -28,11 +29,10 @@ def timeline_figure(
     departures marked and the detection step drawn."""
     if not departures:
         return None
-    from monitor.diagnose import signal_series
     from study.plots import new_figure, palette, save_figure
 
     series = signal_series(lines)
-    drawn = departures[:MAX_DRAWN]
+    drawn = _drawn(departures)
     start = min(d["step"] for d in drawn)
     first = max(0, start - max(10, step - start))
     fig, (ax,) = new_figure(1)
@@ -51,6 +51,20 @@ def timeline_figure(
     ax.set_ylabel("value / its baseline (median)")
     ax.set_title(f"departures from baseline; dashed: the detection at step {step}")
     return save_figure(fig, path, handles, texts, "Which signal departed first")
+
+
+def _drawn(departures: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Up to MAX_DRAWN departures: the first of each kind of series (loss, grad norm, norms,
+    update ratios, attention logits, ...), then the next ones, in departure order."""
+    firsts, seen = [], set()
+    for d in departures:
+        family = d["series"].split("/")[0]
+        if family not in seen:
+            seen.add(family)
+            firsts.append(d)
+    rest = [d for d in departures if d not in firsts]
+    chosen = (firsts + rest)[:MAX_DRAWN]
+    return sorted(chosen, key=lambda d: departures.index(d))
 
 
 def _fmt(value: Any) -> str:
@@ -146,3 +160,45 @@ def markdown(result: dict[str, Any], figure: Path | None) -> str:
         f"{c['minutes']:.2f} minutes.\n"
     )
     return "\n".join(sections)
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    """The one-paragraph answer: cause, mechanism, first departures, remedies, cost."""
+    e, top = result["event"], result["mechanisms"][0]
+    cause = result["cause"]
+    head = f"Detection {result['index']} ({e['kind']} of {e['metric']} at step {e['step']}) "
+    if cause in ("data", "state"):
+        head += f"is reproducible and {cause}-caused ({result['confidence']} confidence): "
+    elif cause == "transient":
+        head += f"is transient ({result['confidence']} confidence): "
+    else:
+        head += "has an undetermined cause: "
+    parts = [head + result["cause_evidence"] + "."]
+    batch = result["suspect_batch"]
+    if cause == "data" and batch:
+        ranges = ", ".join(f"[{a}, {b})" for a, b in batch["token_ranges"][:3])
+        more = len(batch["token_ranges"]) - 3
+        parts.append(
+            f"The batch is loader position {batch['position']}: {len(batch['windows'])} "
+            f"windows of {batch['file']}, tokens {ranges}"
+            + (f" and {more} more." if more > 0 else ".")
+        )
+    if cause == "state":
+        parts.append(f"Likely mechanism: {top['name']} ({top['confidence']}): {top['evidence']}.")
+    departed = result["timeline"][:3]
+    if departed:
+        parts.append(
+            "First departures: "
+            + "; ".join(
+                f"{d['series']} at step {d['step']} ({e['step'] - d['step']} steps before)"
+                for d in departed
+            )
+            + "."
+        )
+    if top["remedies"]:
+        parts.append("Try: " + "; ".join(top["remedies"]) + ".")
+    c = result["cost"]
+    parts.append(
+        f"Cost: {c['replays']} replays, {c['steps_replayed']} steps, {c['minutes']:.1f} minutes."
+    )
+    return " ".join(parts)

@@ -226,3 +226,29 @@ def test_two_ranks_zero3_stop_is_diagnosed_automatically(tmp_path, corpus):
     assert replayed["zero_stage"] == 3 and replayed["meta"]["world_size"] == 2
     kinds = [e["kind"] for e in runs.events(run_dir)]
     assert kinds[-2:] == ["stop", "diagnosis"]
+
+
+def test_automatic_diagnosis_that_fails_is_recorded_and_the_run_keeps_its_status(
+    tmp_path, corpus, capsys
+):
+    """A file where the diagnosis directory goes: the diagnosis fails after the stop is saved;
+    the failure is an event, the summary stays `diverged`, nothing is raised."""
+    run_dir = tmp_path / "blocked"
+    run_dir.mkdir()
+    (run_dir / "diagnosis-0").write_text("in the way\n")
+    hot = {
+        "optim.lr": 3,
+        "optim.warmup_steps": 0,
+        "optim.schedule": "constant",
+        "optim.grad_clip": 0,
+        "divergence.policy": "stop",
+        "divergence.diagnose": True,
+    }
+    summary = runs.run(run_dir, corpus, 20, **hot)
+    assert summary["status"] == "diverged"
+    stop, last = runs.events(run_dir)[-2:]
+    assert stop["kind"] == "stop" and last["kind"] == "diagnosis"
+    assert last["status"] == "failed" and last["step"] == stop["step"]
+    assert last["error"].startswith("FileExistsError")
+    assert runs.summary(run_dir)["status"] == "diverged"
+    assert "warning: the diagnosis of" in capsys.readouterr().err

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monitor.signals import signal_series
+from monitor.signals import signal_series, steps_before
 from monitor.sinks import write_json_atomic, write_text_atomic
+from study.compare import markdown_table
 
 MAX_DRAWN = 10  # departed series in the figure, earliest first
 
@@ -113,14 +114,17 @@ def markdown(result: dict[str, Any], figure: Path | None) -> str:
         f"{result['cause_evidence']}.\n"
     )
     rows = [
-        f"| {p['name']} | {p['start_step']} | {'-' if p['position'] is None else p['position']} "
-        f"| {p['stop_step']} | {'yes' if p['blew_up'] else 'no'} |"
+        [
+            p["name"],
+            str(p["start_step"]),
+            "-" if p["position"] is None else str(p["position"]),
+            str(p["stop_step"]),
+            "yes" if p["blew_up"] else "no",
+        ]
         for p in result["replays"]
     ]
-    sections.append(
-        "| replay | from step | loader position | to step | blew up |\n"
-        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
-    )
+    headers = ["replay", "from step", "loader position", "to step", "blew up"]
+    sections.append(markdown_table(headers, rows) + "\n")
     batch = result["suspect_batch"]
     if batch:
         ranges = ", ".join(f"[{a}, {b})" for a, b in batch["token_ranges"][:8])
@@ -133,16 +137,13 @@ def markdown(result: dict[str, Any], figure: Path | None) -> str:
         )
     sections.append("## 3. Which signal departed first\n")
     if result["timeline"]:
-        sections.append(
-            "| series | left its baseline at step | steps before the detection | baseline | "
-            "value | robust z |\n|---|---|---|---|---|---|\n"
-            + "\n".join(
-                f"| {d['series']} | {d['step']} | {detected - d['step']} | {_fmt(d['baseline'])} "
-                f"| {_fmt(d['value'])} | {_fmt(d['z'])} |"
-                for d in result["timeline"]
-            )
-            + "\n"
-        )
+        headers = ["series", "left its baseline at step", "steps before the detection"]
+        rows = [
+            [d["series"], str(d["step"]), str(detected - d["step"])]
+            + [_fmt(d[k]) for k in ("baseline", "value", "z")]
+            for d in result["timeline"]
+        ]
+        sections.append(markdown_table([*headers, "baseline", "value", "robust z"], rows) + "\n")
     else:
         sections.append("No series left its baseline up to the detection.\n")
     if figure is not None:
@@ -190,7 +191,8 @@ def summary_text(result: dict[str, Any]) -> str:
         parts.append(
             "First departures: "
             + "; ".join(
-                f"{d['series']} at step {d['step']} ({e['step'] - d['step']} steps before)"
+                f"{d['series']} at step {d['step']} ({steps_before(e['step'] - d['step'])} "
+                "the detection)"
                 for d in departed
             )
             + "."

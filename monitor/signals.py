@@ -236,7 +236,14 @@ def state_mechanisms(
         else:
             evidence = (
                 f"{hit.series} left its baseline ({hit.baseline:.4g}) at step {hit.step}, "
-                f"{lead} steps before the detection ({hit.value:.4g}, z {hit.z:.1f})"
+                f"{steps_before(lead)} the detection ({hit.value:.4g}, z {hit.z:.1f})"
             )
         ranked.append(Mechanism(name, evidence, remedies(name, cfg), confidence))
     return ranked
+
+
+def steps_before(count: int) -> str:
+    """'1 step before', '3 steps before', 'at' (for 0)."""
+    if count == 0:
+        return "at"
+    return f"{count} step{'' if count == 1 else 's'} before"

@@ -68,6 +68,17 @@ def _drawn(departures: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(chosen, key=lambda d: departures.index(d))
 
 
+def batch_text(batch: dict[str, Any], shown: int) -> str:
+    """'loader position P (epoch E): N windows of FILE, tokens [a, b), ... and M more'."""
+    ranges = ", ".join(f"[{a}, {b})" for a, b in batch["token_ranges"][:shown])
+    more = len(batch["token_ranges"]) - shown
+    return (
+        f"loader position {batch['position']} (epoch {batch['epoch']}): "
+        f"{len(batch['windows'])} windows of `{batch['file']}`, tokens {ranges}"
+        + (f" and {more} more" if more > 0 else "")
+    )
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -127,14 +138,7 @@ def markdown(result: dict[str, Any], figure: Path | None) -> str:
     sections.append(markdown_table(headers, rows) + "\n")
     batch = result["suspect_batch"]
     if batch:
-        ranges = ", ".join(f"[{a}, {b})" for a, b in batch["token_ranges"][:8])
-        more = len(batch["token_ranges"]) - 8
-        sections.append(
-            f"Suspect batch: loader position {batch['position']} (epoch {batch['epoch']}), "
-            f"{len(batch['windows'])} windows of `{batch['file']}`, token ranges {ranges}"
-            + (f" and {more} more (all in diagnosis.json)" if more > 0 else "")
-            + ".\n"
-        )
+        sections.append(f"Suspect batch: {batch_text(batch, 8)} (all in diagnosis.json).\n")
     sections.append("## 3. Which signal departed first\n")
     if result["timeline"]:
         headers = ["series", "left its baseline at step", "steps before the detection"]
@@ -177,13 +181,7 @@ def summary_text(result: dict[str, Any]) -> str:
     parts = [head + result["cause_evidence"] + "."]
     batch = result["suspect_batch"]
     if cause == "data" and batch:
-        ranges = ", ".join(f"[{a}, {b})" for a, b in batch["token_ranges"][:3])
-        more = len(batch["token_ranges"]) - 3
-        parts.append(
-            f"The batch is loader position {batch['position']}: {len(batch['windows'])} "
-            f"windows of {batch['file']}, tokens {ranges}"
-            + (f" and {more} more." if more > 0 else ".")
-        )
+        parts.append(f"The batch is {batch_text(batch, 3)}.")
     if cause == "state":
         parts.append(f"Likely mechanism: {top['name']} ({top['confidence']}): {top['evidence']}.")
     departed = result["timeline"][:3]

@@ -39,6 +39,8 @@ class Departure:
 
 @dataclass
 class Mechanism:
+    """A likely cause, why it is believed, what to change, and how sure the ranking is."""
+
     name: str
     evidence: str
     remedies: list[str]
@@ -57,9 +59,8 @@ def signal_series(lines: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, 
         for key, value in by_step[step].items():
             if key == "attn_logit_max/layers":
                 for layer, reading in enumerate(value):
-                    series.setdefault(f"attn_logit_max/layer{layer}", []).append(
-                        (step, _float(reading))
-                    )
+                    if (number := _float(reading)) is not None:
+                        series.setdefault(f"attn_logit_max/layer{layer}", []).append((step, number))
                 continue
             if _NOT_SIGNALS.match(key) or isinstance(value, bool):
                 continue
@@ -99,24 +100,20 @@ def departure(
         GRAD_NORM_LOG_FLOOR if log else loss_floor,
         log_scale=log,
     )
-    judged: list[tuple[int, float, float, float]] = []  # step, value, baseline, z (flagged)
+    hits: list[tuple[int, Departure]] = []  # (reading index, the flagged reading)
     flagged = []
-    for step, value in readings:
+    for i, (step, value) in enumerate(readings):
         baseline = _baseline(detector, log)
-        if not math.isfinite(value):
-            judged.append((step, value, baseline, math.inf))
-            flagged.append(True)
-            continue
-        z = detector.score(value)
-        detector.update(step, value)
+        z = detector.score(value) if math.isfinite(value) else math.inf
+        if math.isfinite(value):
+            detector.update(step, value)
         hit = z is not None and z > sigma
         flagged.append(hit)
         if hit:
-            judged.append((step, value, baseline, z))
-    for step, value, baseline, z in judged:
-        i = next(i for i, (s, _) in enumerate(readings) if s == step)
+            hits.append((i, Departure(name, step, value, baseline, z)))
+    for i, hit in hits:
         if 2 * sum(flagged[i:]) >= len(flagged) - i:
-            return Departure(name, step, value, baseline, z)
+            return hit
     return None
 
 

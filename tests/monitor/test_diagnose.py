@@ -16,11 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from data.loader import BatchLoader
-from model import GPT
 from monitor import diagnose
 from tests.checkpoint.runs import env
 from tests.monitor import runs
@@ -94,17 +92,7 @@ def test_poisoned_batch_is_data_and_names_the_batch(tmp_path, corpus, capsys):
 def test_learning_rate_blow_up_is_state_optimizer(tmp_path, corpus):
     """20 healthy steps, then lr 3 with no warmup or clipping, a checkpoint every step."""
     run_dir = tmp_path / "blowup"
-    runs.run(run_dir, corpus, 20, **{"checkpoint.interval": 10})
-    hot = {
-        "optim.lr": 3,
-        "optim.warmup_steps": 0,
-        "optim.schedule": "constant",
-        "optim.grad_clip": 0,
-        "checkpoint.force_resume": True,
-        "checkpoint.interval": 1,
-        "divergence.policy": "stop",
-    }
-    runs.run(run_dir, corpus, **hot)
+    runs.blow_up(run_dir, corpus, checkpoint_interval=1)
     first = runs.detections(run_dir)[0]["step"]
 
     result = diagnose.diagnose(run_dir)
@@ -149,22 +137,8 @@ def test_one_off_gradient_corruption_is_transient(tmp_path, corpus):
     run_dir, step = tmp_path / "nan", 21
     runs.run(run_dir, corpus, step - 1, **{"checkpoint.interval": 10})
 
-    def nan_into_one_gradient_entry(module, args, output):
-        if isinstance(module, GPT) and module.training:
-            handle.remove()
-
-            def poison(grad: torch.Tensor) -> torch.Tensor:
-                grad = grad.clone()
-                grad[0, 0, 0] = math.nan
-                return grad
-
-            output.logits.register_hook(poison)
-
-    handle = torch.nn.modules.module.register_module_forward_hook(nan_into_one_gradient_entry)
-    try:
+    with runs.nan_in_the_next_gradient():
         runs.run(run_dir, corpus, step + 2, **{"checkpoint.interval": 10})
-    finally:
-        handle.remove()
     assert [(e["step"], e["kind"]) for e in runs.detections(run_dir)] == [(step, "nonfinite")]
 
     result = diagnose.diagnose(run_dir)
@@ -237,10 +211,7 @@ def test_automatic_diagnosis_that_fails_is_recorded_and_the_run_keeps_its_status
     run_dir.mkdir()
     (run_dir / "diagnosis-0").write_text("in the way\n")
     hot = {
-        "optim.lr": 3,
-        "optim.warmup_steps": 0,
-        "optim.schedule": "constant",
-        "optim.grad_clip": 0,
+        **runs.LR_BLOW_UP,
         "divergence.policy": "stop",
         "divergence.diagnose": True,
     }

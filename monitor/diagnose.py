@@ -293,10 +293,17 @@ def diagnose(
     init_distributed(plan.cfg.run.device)
     event, step, start = plan.event, plan.stop_step, step_of(plan.checkpoint)
     out = run_dir / f"diagnosis-{plan.index}"
+    failure: list[OSError | None] = [None]
     if _rank() == 0:
         shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-    _barrier()
+        try:
+            out.mkdir(parents=True)
+        except OSError as err:
+            failure[0] = err
+    if dist.is_initialized():  # every rank gives up together, none waits in a collective
+        dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise failure[0]
 
     # 1. the same batches: does the detection come back?
     save_at = step - 1 if step - 1 > start else 0

@@ -83,46 +83,44 @@ def _float(value: Any) -> float | None:
 def departure(
     name: str, readings: Sequence[tuple[int, float]], sigma: float, loss_floor: float, window: int
 ) -> Departure | None:
-    """The first lasting upward departure of one series from its rolling robust baseline.
+    """The first lasting upward departure of one series from its own course.
 
-    Each reading is judged as the spike detector judges the loss (linear, std floored at
-    `loss_floor`) or the grad norm (every other series: log scale, a 5% floor), against up to
-    `window` earlier unflagged readings, once `MIN_BASELINE` are there. A non-finite reading
-    counts as flagged. The departure is the first flagged reading from which on at least half
-    of the readings are flagged: a lone outlier that the series comes back from is not one.
+    Each reading's step from the one before (its increment; of the logarithm for every series
+    but the loss, so a growth factor) is judged as the spike detector judges the loss: robust
+    z-score against up to `window` earlier unflagged increments, once `MIN_BASELINE` are
+    there, the scale floored at `loss_floor` for the loss and at 5% for the others. Judging the
+    increments, not the levels, lets a series that grows steadily (weight norms, attention
+    logits early in training) go on growing; a jump or a sudden acceleration is flagged. A
+    non-finite reading is flagged too. The departure is the first flagged reading after which
+    the series never falls back below half its jump over its baseline (the median of the
+    readings before it): a lone outlier that the series comes back from is not one.
     """
     log = name != "loss"
     size = max(MIN_BASELINE, min(window, len(readings) // 2))
-    detector = SpikeDetector(
-        name,
-        size,
-        sigma,
-        GRAD_NORM_LOG_FLOOR if log else loss_floor,
-        log_scale=log,
-    )
-    hits: list[tuple[int, Departure]] = []  # (reading index, the flagged reading)
-    flagged = []
-    for i, (step, value) in enumerate(readings):
-        baseline = _baseline(detector, log)
-        z = detector.score(value) if math.isfinite(value) else math.inf
-        if math.isfinite(value):
-            detector.update(step, value)
-        hit = z is not None and z > sigma
-        flagged.append(hit)
-        if hit:
-            hits.append((i, Departure(name, step, value, baseline, z)))
-    for i, hit in hits:
-        if 2 * sum(flagged[i:]) >= len(flagged) - i:
-            return hit
+    floor = GRAD_NORM_LOG_FLOOR if log else loss_floor
+    detector = SpikeDetector(name, size, sigma, floor)
+    levels: list[float] = []  # the judged scale: log or linear; +inf for a non-finite reading
+    hits: list[tuple[int, int, float, float]] = []  # (level index, step, value, z)
+    for step, value in readings:
+        if math.isfinite(value) and log and value <= 0:
+            continue  # no update measured (a skipped step): nothing to judge
+        level = (math.log(value) if log else value) if math.isfinite(value) else math.inf
+        if levels and math.isfinite(level) and math.isfinite(levels[-1]):
+            z = detector.score(level - levels[-1])
+            detector.update(step, level - levels[-1])
+            if z is not None and z > sigma:
+                hits.append((len(levels), step, value, z))
+        elif not math.isfinite(level) and len(levels) >= MIN_BASELINE:
+            hits.append((len(levels), step, value, math.inf))
+        levels.append(level)
+    for i, step, value, z in hits:
+        base = float(np.median(levels[max(0, i - size) : i]))
+        if not math.isfinite(base):
+            continue
+        half = base + (levels[i] - base) / 2 if math.isfinite(levels[i]) else base
+        if all(level > half for level in levels[i:]):
+            return Departure(name, step, value, math.exp(base) if log else base, z)
     return None
-
-
-def _baseline(detector: SpikeDetector, log: bool) -> float:
-    values = detector.state_dict()["values"]
-    if not values:
-        return math.nan
-    center = float(np.median(values))
-    return math.exp(center) if log else center
 
 
 def timeline(

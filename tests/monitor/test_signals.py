@@ -18,6 +18,14 @@ def test_a_lasting_jump_departs_a_lone_outlier_does_not():
     assert departure("grad_norm", FLAT, 6.0, 0.05, 128) is None
 
 
+def test_steady_growth_is_no_departure_a_sudden_acceleration_is():
+    steady = [(s, 0.04 * 1.05**s) for s in range(1, 40)]  # 5% a step, as early logits grow
+    assert departure("attn_logit_max/layer1", steady, 6.0, 0.05, 128) is None
+    faster = [*steady, *((s, steady[-1][1] * 2.0 ** (s - 39)) for s in range(40, 44))]
+    hit = departure("attn_logit_max/layer1", faster, 6.0, 0.05, 128)
+    assert hit.step == 40 and hit.baseline < hit.value / 2
+
+
 def test_nonfinite_counts_as_departed_and_the_loss_is_linear_with_its_floor():
     hit = departure("grad_norm", [*FLAT, (30, math.nan)], 6.0, 0.05, 128)
     assert hit.step == 30 and hit.z == math.inf

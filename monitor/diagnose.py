@@ -15,10 +15,9 @@ For detection K at step D, from the checkpoint kept before it (step C), as `moni
    loader position and its windows' token ranges in train.bin); follows the state: state.
 3. Which signal departed first: every series of the run's metrics up to C and the replay's from
    C + 1 to D (loss, grad norm, norms and update ratios per group and per block, attention
-   logits per layer, |log Z|, sharpness where recorded), judged reading by reading against its
-   own rolling baseline with the spike detector's robust z-score (upward; log scale except the
-   loss). A series departed at the first flagged reading from which at least half of the
-   readings up to D are flagged.
+   logits per layer, |log Z|, sharpness where recorded), its increments judged reading by
+   reading with the spike detector's robust z-score (upward; growth factors except for the
+   loss): see `monitor.signals.departure`.
 4. A ranked mechanism with the remedies the harness offers, each with its evidence.
 Written to RUN_DIR/diagnosis-K/ (report.md, diagnosis.json, timeline.png, and the replays'
 run directories), a `diagnosis` event appended to RUN_DIR/events.jsonl, a summary printed.

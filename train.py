@@ -266,6 +266,10 @@ def train_run(
         record.event(event(step, "checkpoint", path=str(path)))
     summary = record.summary(status=status, steps=step, watch=watch)
     record.close()
+    if status == "diverged" and cfg.divergence.diagnose:  # the stop is saved: now ask why
+        from monitor.diagnose import after_stop
+
+        after_stop(run_dir, step)
     return summary
 
 

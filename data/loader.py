@@ -234,6 +234,11 @@ class BatchLoader:
             count -= len(part)
         return np.concatenate(parts)
 
+    def windows(self, position: int) -> np.ndarray:
+        """The window ids of global batch `position`, all ranks' shares in rank order; window
+        w is tokens [w * block_size, (w + 1) * block_size] of the token file."""
+        return self._window_ids(position * self.global_batch_size, self.global_batch_size)
+
     def next_step(self) -> list[Batch]:
         """This rank's `grad_accum_steps` micro-batches (x, y) for the next optimizer step."""
         per_rank = self.micro_batch_size * self.grad_accum_steps

@@ -121,24 +121,10 @@ def test_nan_in_a_gradient_is_nonfinite_and_withheld_and_training_goes_on(tmp_pa
     run_dir, step = tmp_path / "nan", 10
     runs.run(run_dir, corpus, step - 1, **{"checkpoint.interval": step - 1})
 
-    def nan_into_one_gradient_entry(module, args, output):
-        if isinstance(module, GPT) and module.training:
-            handle.remove()  # this one step only
-
-            def poison(grad: torch.Tensor) -> torch.Tensor:
-                grad = grad.clone()
-                grad[0, 0, 0] = math.nan
-                return grad
-
-            output.logits.register_hook(poison)
-
-    handle = torch.nn.modules.module.register_module_forward_hook(nan_into_one_gradient_entry)
-    try:
+    with runs.nan_in_the_next_gradient():
         summary = runs.run(
             run_dir, corpus, step + 2, **{"checkpoint.interval": 1, "checkpoint.keep_last": 3}
         )
-    finally:
-        handle.remove()
 
     found = runs.detections(run_dir)
     assert [(e["step"], e["kind"], e["metric"]) for e in found] == [
@@ -163,17 +149,7 @@ def test_learning_rate_blow_up_stops_the_run_and_a_restart_resumes_the_last_good
     """20 healthy steps, then the run is resumed with lr=3, no warmup, no clipping; then the
     same command again."""
     run_dir = tmp_path / "blowup"
-    runs.run(run_dir, corpus, 20, **{"checkpoint.interval": 10})
-    hot = {
-        "optim.lr": 3,
-        "optim.warmup_steps": 0,
-        "optim.schedule": "constant",
-        "optim.grad_clip": 0,
-        "checkpoint.force_resume": True,
-        "checkpoint.interval": 10,
-        "divergence.policy": "stop",
-    }
-    summary = runs.run(run_dir, corpus, **hot)
+    summary = runs.blow_up(run_dir, corpus, checkpoint_interval=10)
 
     found = runs.detections(run_dir)
     assert found, "lr=3 went unnoticed"
@@ -349,10 +325,7 @@ def test_wandb_offline_run_has_the_config_group_tags_and_event_fields(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(run_dir))
     hot = {
-        "optim.lr": 3,
-        "optim.warmup_steps": 0,
-        "optim.schedule": "constant",
-        "optim.grad_clip": 0,
+        **runs.LR_BLOW_UP,
         "divergence.policy": "stop",
         "wandb.mode": "offline",
         "wandb.tags": "[study]",

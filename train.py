@@ -56,7 +56,8 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     ckpt = Checkpointer(run_dir, cfg.checkpoint, env.rank, env.world_size)
     resume_from = select_resume(ckpt, cfg, env.world_size)  # best first; [] starts afresh
     init_from = select_init(cfg, resume_from)  # another run's checkpoint, for a new run only
-    record = RunRecord(run_dir, cfg, env, resuming=bool(resume_from))
+    data_dir = resolve_dataset(cfg.data)  # before the record: it notes the data's loss floor
+    record = RunRecord(run_dir, cfg, env, data_dir, resuming=bool(resume_from))
     if cfg.tf32 and env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -77,7 +78,6 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
 
     # -----------------------------------------------------------------------------------------
     # data: the same global batch sequence on any number of ranks
-    data_dir = resolve_dataset(cfg.data)
     shape = dict(
         block_size=cfg.model.block_size,
         micro_batch_size=cfg.train.micro_batch_size,

@@ -254,6 +254,18 @@ def window_floor(meta: dict[str, Any], block_size: int) -> float | None:
     return (head + (block_size - 2) * rate["nats"]) / block_size
 
 
+def loss_floor(data_dir: Path, block_size: int) -> dict[str, Any]:
+    """What a run records about its data: the source and, for a stream, its loss floor."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    rate = (meta.get("generator") or {}).get("entropy_rate") or {}
+    return {
+        "source": meta.get("source"),
+        "entropy_rate": rate.get("nats"),
+        "entropy_rate_se": rate.get("se"),
+        "loss_floor": window_floor(meta, block_size),
+    }
+
+
 def prepare_ngram(
     out_dir: str | Path,
     *,

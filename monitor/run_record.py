@@ -8,7 +8,9 @@ from typing import Any
 import yaml
 
 from configs.schema import TrainConfig
+from data.ngram import loss_floor
 from launch.distributed import DistEnv
+from monitor.kernel_path import device_path
 from monitor.sinks import Progress, RunFiles, WandbSink
 
 
@@ -51,7 +53,9 @@ def wandb_group(cfg: TrainConfig) -> str:
 class RunRecord:
     """Everything a run writes about itself; silent on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, env: DistEnv, resuming: bool):
+    def __init__(
+        self, run_dir: Path, cfg: TrainConfig, env: DistEnv, data_dir: Path, resuming: bool
+    ):
         self.active = env.is_main
         self.run_dir = run_dir
         self.cfg = cfg
@@ -63,7 +67,12 @@ class RunRecord:
         if not self.active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {**cfg.model_dump(mode="json"), "meta": versions(env.world_size)}
+        meta = {
+            **versions(env.world_size),
+            "kernel_path": device_path(env.device),
+            "data": loss_floor(data_dir, cfg.model.block_size),
+        }
+        resolved = {**cfg.model_dump(mode="json"), "meta": meta}
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         self.sinks.append(RunFiles(run_dir))
         if cfg.wandb.mode != "disabled":

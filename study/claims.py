@@ -82,6 +82,7 @@ class Facts:
     max_steps: float
     final_loss: float
     final_val_loss: float
+    val_gap_to_floor: float  # final val loss above the data's loss floor (NaN: no floor known)
     mid_loss: float
     norm_decay: float
     eff_lr_decay: float
@@ -167,6 +168,7 @@ def facts(run: Run) -> Facts:
         max_steps=max_steps,
         final_loss=final * left_out,
         final_val_loss=to_float(summary.get("final_val_loss")) * left_out,
+        val_gap_to_floor=(to_float(summary.get("final_val_loss")) - run.loss_floor) * left_out,
         mid_loss=_window_mean(run, "loss", *(f * max_steps for f in MID_WINDOW)) * left_out,
         norm_decay=(float(norms[-1]) if norms.size else math.nan) * left_out,
         eff_lr_decay=_window_mean(run, "eff_lr/decay", max_steps / 2, math.inf) * left_out,
@@ -230,6 +232,7 @@ def _arm_row(optimizer: str, wd: float, items: list[Facts], base: Stat) -> dict[
         "left_out": len(items) - final.n,
         "final_loss": final,
         "final_val_loss": stat([f.final_val_loss for f in items]),
+        "val_gap_to_floor": stat([f.val_gap_to_floor for f in items]),
         "mid_loss": stat([f.mid_loss for f in items]),
         "param_norm_decay": stat([f.norm_decay for f in items]),
         "eff_lr_decay": stat([f.eff_lr_decay for f in items]),

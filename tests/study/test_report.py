@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from study import compare
 from study.report import build_report, default_out, main
+from study.runs import load_runs
 from study.stats import fisher_greater, stat, versus
 from tests.study.conftest import config_with, event, train_line, write_run
 
@@ -143,6 +145,34 @@ def test_claim1_reproduced(tmp_path: Path) -> None:
         "claim1_dynamics.png",
         "claim2_divergence.png",
     }
+
+
+def test_kernel_paths_are_never_pooled_and_the_floor_gap_is_reported(tmp_path: Path) -> None:
+    root = tmp_path / "paths"
+    for path, offset in (("aten:AVX2 onednn:AVX2 sdpa:FLASH_ATTENTION", 0.0), ("cuda:H100", 0.3)):
+        for wd, final in ((0.0, 3.3), (0.1, 3.2)):
+            for seed in (1, 2, 3):
+                write_sweep_run(
+                    root,
+                    f"{path[:4]}-wd{wd:g}-s{seed}",
+                    final=final + offset + NOISE[seed - 1],
+                    optim__weight_decay=wd,
+                    run__seed=seed,
+                    meta__kernel_path={"path": path},
+                    meta__data={"loss_floor": 2.75},
+                )
+    claims, text = make_report(root, out=tmp_path / "out")
+    groups = claims["claims"]["claim1"]["groups"]
+    assert sorted(g["group"] for g in groups) == [
+        "path=aten:AVX2 onednn:AVX2 sdpa:FLASH_ATTENTION",
+        "path=cuda:H100",
+    ]
+    gaps = {g["group"][5:9]: g["arms"][1]["val_gap_to_floor"]["mean"] for g in groups}
+    assert gaps == pytest.approx({"aten": 3.3 - 2.75, "cuda": 3.6 - 2.75})  # val = final + 0.1
+    assert "| cuda:H100 | 6 | 2.7500 |" in text
+    compare.report(load_runs([str(root)]), tmp_path / "cmp")
+    table = (tmp_path / "cmp" / "summary.md").read_text()
+    assert "| 3.5000 | 3.6000 | 0.8500 | 0 | - | 1,200 | cuda:H100 |" in table
 
 
 def test_claim1_identical_losses_not_reproduced(tmp_path: Path) -> None:

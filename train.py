@@ -39,6 +39,7 @@ from monitor.policy import Action
 from monitor.run_record import RunRecord
 from monitor.sinks import write_json_atomic
 from monitor.telemetry import Telemetry
+from optim.adam_lr import adam_effective_lr
 from optim.engine import StepScalars, UpdateGate, initialize, set_lr
 from optim.schedule import lr_at
 
@@ -193,6 +194,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
         if log_step:
             telemetry_fields = telemetry.read(lr, scalars.grad_norm, output)
             line = metrics_line(step, tokens, lr, scalars, telemetry_fields)
+            line["adam_eff_lr"] = adam_effective_lr(optimizer)  # the paper's Adam effective LR
             line.update(meter.read(step))
             watch.observe_telemetry(step, line)
             record.metrics(line)

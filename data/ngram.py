@@ -286,7 +286,7 @@ def prepare_ngram(
     make them small. Raises `DataError` for bad arguments; an existing output is untouched.
     """
     from data.builtin import prepare_builtin
-    from data.prepare import META_FILE, DataError, _check_writable, _install, _sync, file_sha256
+    from data.prepare import META_FILE, DataError, _check_writable, _sync, file_sha256, finish
 
     if num_tokens < 1 or val_tokens < 1:
         raise DataError(f"--tokens and --val-tokens must be >= 1, got {num_tokens}, {val_tokens}")
@@ -342,10 +342,7 @@ def prepare_ngram(
             },
             "splits": splits,
         }
-        with (work_dir / META_FILE).open("w") as out:
-            out.write(json.dumps(meta, indent=2) + "\n")
-            _sync(out)
-        _install(work_dir, out_dir, force)
+        finish(work_dir, out_dir, meta, force)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise

@@ -114,15 +114,22 @@ def prepare(
             "val_fraction": val_fraction,
             "splits": splits,
         }
-        # meta.json is written last: its presence is what marks a directory as finished.
-        with (work_dir / META_FILE).open("w") as out:
-            out.write(json.dumps(meta, indent=2) + "\n")
-            _sync(out)
-        _install(work_dir, out_dir, force)
+        finish(work_dir, out_dir, meta, force)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
     return out_dir
+
+
+def finish(work_dir: Path, out_dir: Path, meta: dict[str, Any], force: bool) -> None:
+    """Write `meta.json` into `work_dir` and rename it to `out_dir`.
+
+    meta.json is written last: its presence is what marks a directory as finished.
+    """
+    with (work_dir / META_FILE).open("w") as out:
+        out.write(json.dumps(meta, indent=2) + "\n")
+        _sync(out)
+    _install(work_dir, out_dir, force)
 
 
 def _check_writable(out_dir: Path, force: bool) -> None:

@@ -251,6 +251,7 @@ def _claim1_md(c1: dict[str, Any]) -> str:
             r["mid_loss"].text(),
             r["param_norm_decay"].text(".4g"),
             r["eff_lr_decay"].text(".3g"),
+            r["adam_eff_lr"].text(".3g"),
         ]
         for g in c1["groups"]
         for r in g["arms"]
@@ -258,7 +259,7 @@ def _claim1_md(c1: dict[str, Any]) -> str:
     headers = (
         "group|arm|runs|left out (blew up)|final train loss|vs λ=0 (± 2 SE)|final val loss"
         "|val gap to floor|mid-training loss|decay-group norm (final)"
-        "|eff. LR decay group (2nd half)"
+        "|eff. LR decay group (2nd half)|Adam eff. LR, paper's (2nd half)"
     ).split("|")
     return (
         f"- Mechanism (decay-group norm lower, effective LR higher): "
@@ -388,7 +389,8 @@ METHOD = f"""\
   mid-training loss: over {MID_WINDOW[0]:.0%}-{MID_WINDOW[1]:.0%} (the paper's 20k of 50k
   steps). Runs that blew up (claim 2) are left out of loss, norm and effective-LR statistics.
 - Decay-group norm: last logged `param_norm/decay`; effective LR: mean `eff_lr/decay`
-  (`lr / ||w_decay||`) over the second half of the run.
+  (`lr / ||w_decay||`) over the second half of the run; the paper's Adam effective LR: mean
+  `adam_eff_lr` (mean over weights of `lr / (sqrt(v) + eps)`) over the second half.
 - An effect counts when the difference of means exceeds {Z:g} standard errors of the difference
   (`sqrt(s1²/n1 + s2²/n2)`); fewer than {MIN_SEEDS} seeds on a side: cannot tell. With enough
   seeds and no effect beyond the spread, or one in the other direction: not reproduced.

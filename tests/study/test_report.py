@@ -50,7 +50,7 @@ def write_sweep_run(
     """One run of a sweep; `stop` ends it with a NaN loss at that step; from step `jump` on the
     loss is 8.0 (a blow-up that stays finite)."""
     last = MAX_STEPS if stop is None else stop
-    norms = {"param_norm/decay": norm, "eff_lr/decay": 3e-3 / norm}
+    norms = {"param_norm/decay": norm, "eff_lr/decay": 3e-3 / norm, "adam_eff_lr": norm / 10}
     losses = [8.0 if jump and s >= jump else loss_at(s, mid, final) for s in range(last + 1)]
     lines = [train_line(s, loss, **norms) for s, loss in enumerate(losses[:-1])]
     lines.append(train_line(last, "nan" if stop else losses[-1], **norms))
@@ -136,6 +136,7 @@ def test_claim1_reproduced(tmp_path: Path) -> None:
     assert decayed["eff_lr_decay"]["mean"] == pytest.approx(
         np.mean([3e-3 / n for n in (91, 92, 93)])
     )
+    assert decayed["adam_eff_lr"]["mean"] == pytest.approx(9.2)  # norm / 10 in write_sweep_run
     assert c1["mechanism"]["verdict"] == "reproduced"  # norm down, effective LR up
     assert c1["order"]["verdict"] == "reproduced"  # higher mid-training, lower at the end
     assert "Verdict on claim 1: **reproduced**" in text

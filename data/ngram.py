@@ -141,12 +141,13 @@ class NgramModel:
             draws = rng.random((num_chains, self.order + 1))
             token = np.full(num_chains, -1, dtype=np.int64)
             pending = rows
-            for length_ in range(width, -1, -1):  # highest order first
-                level = self.levels[length_]
-                found, index = self._find(level, self._context_keys(history[pending], length_))
+            for context_length in range(width, -1, -1):  # highest order first
+                level = self.levels[context_length]
+                ctx = self._context_keys(history[pending], context_length)
+                found, index = self._find(level, ctx)
                 total = level.ctx_total[index]
                 own_mass = total - level.discount * level.ctx_types[index]
-                r = draws[pending, length_] * total
+                r = draws[pending, context_length] * total
                 take = found & (r < own_mass)
                 start = level.ctx_start[index[take]]
                 before = np.where(start > 0, level.cum[np.maximum(start - 1, 0)], 0.0)
@@ -156,7 +157,7 @@ class NgramModel:
                 pending = pending[~take]
             token[pending] = (draws[pending, -1] * self.vocab_size).astype(np.int64)
             out[:, t] = token
-            history = np.concatenate([history[:, 1:], token[:, None]], axis=1) if width else history
+            history = np.concatenate([history[:, 1:], token[:, None]], axis=1)
         return out
 
     def chain_log_probs(self, chains: np.ndarray) -> np.ndarray:

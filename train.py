@@ -38,6 +38,7 @@ from monitor.perf import Throughput
 from monitor.policy import Action
 from monitor.run_record import RunRecord, is_complete, read_summary
 from monitor.telemetry import Telemetry
+from optim.adam_lr import adam_effective_lr
 from optim.engine import StepScalars, UpdateGate, initialize, set_lr
 from optim.schedule import lr_at
 
@@ -62,9 +63,10 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
             print(f"{run_dir} is complete ({cfg.train.max_steps} steps): nothing to do")
         return previous
     init_from = select_init(cfg, resume_from)  # another run's checkpoint, for a new run only
-    record = RunRecord(run_dir, cfg, env, previous)
+    data_dir = resolve_dataset(cfg.data)  # before the record: it notes the data's loss floor
+    record = RunRecord(run_dir, cfg, env, data_dir, previous)
     try:
-        return train_run(cfg, env, ckpt, resume_from, init_from, record, stop_step)
+        return train_run(cfg, env, ckpt, resume_from, init_from, data_dir, record, stop_step)
     except BaseException as err:
         record.fail(err)
         raise
@@ -76,6 +78,7 @@ def train_run(
     ckpt: Checkpointer,
     resume_from: list[Path],
     init_from: Path | None,
+    data_dir: Path,
     record: RunRecord,
     stop_step: int | None,
 ) -> dict[str, Any]:
@@ -100,7 +103,6 @@ def train_run(
 
     # -----------------------------------------------------------------------------------------
     # data: the same global batch sequence on any number of ranks
-    data_dir = resolve_dataset(cfg.data)
     shape = dict(
         block_size=cfg.model.block_size,
         micro_batch_size=cfg.train.micro_batch_size,
@@ -217,6 +219,7 @@ def train_run(
         if log_step:
             telemetry_fields = telemetry.read(lr, scalars.grad_norm, output)
             line = metrics_line(step, tokens, lr, scalars, telemetry_fields)
+            line["adam_eff_lr"] = adam_effective_lr(optimizer)  # the paper's Adam effective LR
             line.update(meter.read(step))
             watch.observe_telemetry(step, line)
             record.metrics(line)
@@ -269,7 +272,7 @@ def train_run(
     if status == "diverged" and cfg.divergence.diagnose:  # the stop is saved: now ask why
         from monitor.diagnose import after_stop
 
-        after_stop(run_dir, step)
+        after_stop(record.run_dir, step)
     return summary
 
 

@@ -1,6 +1,7 @@
 """Tokenize a dataset into GPT-2 token files: `python -m data.prepare SOURCE... --out DIR`.
 
-SOURCE is `openwebtext` (through Hugging Face `datasets`, as nanoGPT does) or local `.txt`,
+SOURCE is `openwebtext` (through Hugging Face `datasets`, as nanoGPT does), `ngram` (an
+unlimited sampled stream with a known loss floor, `--tokens N`: see `data.ngram`) or local `.txt`,
 `.jsonl` (a `text` field per line) and `.parquet` (a `text` column) files or directories of them.
 A `.txt` file is one document; empty documents are dropped. Every source becomes a `datasets`
 table with a `text` column and then takes the same path: a seeded split by documents
@@ -40,6 +41,7 @@ META_FILE = "meta.json"
 SPLITS = ("train", "val")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 OPENWEBTEXT = "openwebtext"
+NGRAM = "ngram"
 _MAX_WRITE_SHARDS = 1024  # as nanoGPT: one write holds at most ~1/1024 of a split
 _MIN_SHARD_DOCS = 1000  # small splits: fewer shards, as each costs a few milliseconds
 _ARROW_BATCH_DOCS = 1000
@@ -113,15 +115,28 @@ def prepare(
             "val_fraction": val_fraction,
             "splits": splits,
         }
-        # meta.json is written last: its presence is what marks a directory as finished.
-        with (work_dir / META_FILE).open("w") as out:
-            out.write(json.dumps(meta, indent=2) + "\n")
-            _sync(out)
-        _install(work_dir, out_dir, force, inputs)
+        finish(work_dir, out_dir, meta, force, inputs)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
     return out_dir
+
+
+def finish(
+    work_dir: Path,
+    out_dir: Path,
+    meta: dict[str, Any],
+    force: bool,
+    inputs: Sequence[Path] = (),
+) -> None:
+    """Write `meta.json` into `work_dir` and rename it to `out_dir`.
+
+    meta.json is written last: its presence is what marks a directory as finished.
+    """
+    with (work_dir / META_FILE).open("w") as out:
+        out.write(json.dumps(meta, indent=2) + "\n")
+        _sync(out)
+    _install(work_dir, out_dir, force, inputs)
 
 
 def _check_writable(out_dir: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
@@ -394,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--val-fraction", type=float, default=0.0005, help="documents held out")
-    parser.add_argument("--seed", type=int, default=2357, help="seed of the train/val split")
+    parser.add_argument("--seed", type=int, default=2357, help="split seed (ngram: sampler seed)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     parser.add_argument(
         "--num-proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes"
@@ -404,7 +419,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=OPENWEBTEXT,
         help="the datasets.load_dataset name for 'openwebtext' (a mirror, if the default fails)",
     )
+    parser.add_argument("--tokens", help="ngram: training tokens to sample, e.g. 100M")
+    parser.add_argument("--val-tokens", default="1048576", help="ngram: validation tokens")
+    parser.add_argument("--order", type=int, default=3, help="ngram: order of the model")
+    parser.add_argument("--vocab", type=int, default=2048, help="ngram: ids kept, incl. 'other'")
     args = parser.parse_args(argv)
+    if args.sources == [NGRAM]:
+        return _main_ngram(args)
     sources = HubSource(args.hub_name) if args.sources == [OPENWEBTEXT] else args.sources
     try:
         out_dir = prepare(
@@ -421,6 +442,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits = json.loads((out_dir / META_FILE).read_text())["splits"]
     for name, split in splits.items():
         print(f"{name}: {split['num_tokens']:,} tokens, {split['num_documents']:,} documents")
+    print(f"wrote {out_dir}")
+    return 0
+
+
+def _main_ngram(args: argparse.Namespace) -> int:
+    from data.ngram import parse_count, prepare_ngram
+
+    try:
+        if args.tokens is None:
+            raise DataError("ngram needs --tokens N (training tokens, e.g. 100M)")
+        out_dir = prepare_ngram(
+            args.out,
+            num_tokens=parse_count(args.tokens),
+            val_tokens=parse_count(args.val_tokens),
+            order=args.order,
+            vocab_size=args.vocab,
+            seed=args.seed,
+            force=args.force,
+        )
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rate = json.loads((out_dir / META_FILE).read_text())["generator"]["entropy_rate"]
+    print(f"entropy rate (loss floor) {rate['nats']:.4f} +- {rate['se']:.4f} nats/token")
     print(f"wrote {out_dir}")
     return 0
 

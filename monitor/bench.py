@@ -71,13 +71,14 @@ def build_steps(cfg: TrainConfig) -> tuple[dict[str, Callable[[], None]], Callab
     """One step function per setting, all training the same model, as `train.run` builds it;
     and a function that closes the run record."""
     env = init_distributed(cfg.run.device)
-    record = RunRecord(Path(cfg.run.out_dir) / cfg.run.name, cfg, env, previous=None)
+    data_dir = resolve_dataset(cfg.data)
+    record = RunRecord(Path(cfg.run.out_dir) / cfg.run.name, cfg, env, data_dir, previous=None)
     torch.manual_seed(cfg.run.seed)
     model = GPT(cfg.model)
     flops_per_token = model.flops_per_token()
     engine, optimizer = initialize(model, cfg, env.world_size, env.device)
     loader = BatchLoader(
-        resolve_dataset(cfg.data) / "train.bin",
+        data_dir / "train.bin",
         vocab_size=cfg.model.vocab_size,
         device=env.device,
         block_size=cfg.model.block_size,

@@ -9,7 +9,9 @@ from typing import Any
 import yaml
 
 from configs.schema import TrainConfig
+from data.ngram import loss_floor
 from launch.distributed import DistEnv
+from monitor.kernel_path import device_path
 from monitor.sinks import Progress, RunFiles, WandbSink
 
 
@@ -76,7 +78,12 @@ class RunRecord:
     """
 
     def __init__(
-        self, run_dir: Path, cfg: TrainConfig, env: DistEnv, previous: dict[str, Any] | None
+        self,
+        run_dir: Path,
+        cfg: TrainConfig,
+        env: DistEnv,
+        data_dir: Path,
+        previous: dict[str, Any] | None,
     ):
         self.active = env.is_main
         self.run_dir = run_dir
@@ -91,7 +98,12 @@ class RunRecord:
         if not self.active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {**cfg.model_dump(mode="json"), "meta": versions(env.world_size)}
+        meta = {
+            **versions(env.world_size),
+            "kernel_path": device_path(env.device),
+            "data": loss_floor(data_dir, cfg.model.block_size),
+        }
+        resolved = {**cfg.model_dump(mode="json"), "meta": meta}
         if cfg.wandb.mode != "disabled":  # first: a wandb that cannot start changes no file
             self.sinks.append(
                 WandbSink(

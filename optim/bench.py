@@ -2,6 +2,7 @@
 
     python -m optim.bench                          # the default config's model, on the CPU
     python -m optim.bench --precision bf16 --compile --model gpt2   # on a GPU, with MFU
+    python -m optim.bench --sweep configs/sweeps/stream_wd.yaml     # a sweep's proxy model
 
 The reference is the step a torch user writes by hand: the same `model.GPT`, the same parameter
 groups, `torch.optim.AdamW(foreach=True)`, `clip_grad_norm_`, bf16 through `torch.autocast`. Ours
@@ -58,7 +59,14 @@ def bench_config(args: argparse.Namespace) -> TrainConfig:
         overrides["zero_stage"] = args.zero_stage
     if args.micro_batch_size is not None:
         overrides["train.micro_batch_size"] = args.micro_batch_size
-    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    base, sweep_overrides = None, []
+    if args.sweep:  # the sweep's model, batch and data; the flags above still apply
+        from launch.sweep import load_sweep, override_text
+
+        sweep = load_sweep(args.sweep)
+        base = sweep.base
+        sweep_overrides = [override_text(k, v) for k, v in sweep.overrides.items()]
+    return load_config(base, sweep_overrides + [f"{k}={v}" for k, v in overrides.items()])
 
 
 def reference_step(cfg: TrainConfig, device: torch.device, batch) -> Callable[[], Any]:
@@ -127,8 +135,8 @@ def timed(
     return wall_s / num_steps, cpu_s / num_steps, loss
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
-    """Print the tokens/s of both steps and their ratio; return the figures."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m optim.bench`."""
     parser = argparse.ArgumentParser(prog="python -m optim.bench", description=__doc__)
     parser.add_argument("--steps", type=int, default=16, help="timed steps of each, after warmup")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each first")
@@ -144,7 +152,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None)
     parser.add_argument("--micro-batch-size", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile both (GPU)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--sweep", help="time the base config of this sweep file (with --model default)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
+    """Print the tokens/s of both steps and their ratio; return the figures."""
+    args = build_parser().parse_args(argv)
 
     cfg = bench_config(args)
     env = init_distributed(cfg.run.device)

@@ -82,9 +82,11 @@ class Facts:
     max_steps: float
     final_loss: float
     final_val_loss: float
+    val_gap_to_floor: float  # final val loss above the data's loss floor (NaN: no floor known)
     mid_loss: float
     norm_decay: float
     eff_lr_decay: float
+    adam_eff_lr: float  # the paper's Adam effective LR, mean lr/(sqrt(v)+eps), 2nd half
     flagged: bool  # status diverged or a divergence detection (the brief's "divergence")
     blew_up: bool  # flagged and never recovered, or a non-finite loss (used by the verdict)
     first_step: int | None
@@ -167,9 +169,11 @@ def facts(run: Run) -> Facts:
         max_steps=max_steps,
         final_loss=final * left_out,
         final_val_loss=to_float(summary.get("final_val_loss")) * left_out,
+        val_gap_to_floor=(to_float(summary.get("final_val_loss")) - run.loss_floor) * left_out,
         mid_loss=_window_mean(run, "loss", *(f * max_steps for f in MID_WINDOW)) * left_out,
         norm_decay=(float(norms[-1]) if norms.size else math.nan) * left_out,
         eff_lr_decay=_window_mean(run, "eff_lr/decay", max_steps / 2, math.inf) * left_out,
+        adam_eff_lr=_window_mean(run, "adam_eff_lr", max_steps / 2, math.inf) * left_out,
         flagged=status_diverged or bool(events),
         blew_up=blew_up,
         first_step=first_step,
@@ -230,9 +234,11 @@ def _arm_row(optimizer: str, wd: float, items: list[Facts], base: Stat) -> dict[
         "left_out": len(items) - final.n,
         "final_loss": final,
         "final_val_loss": stat([f.final_val_loss for f in items]),
+        "val_gap_to_floor": stat([f.val_gap_to_floor for f in items]),
         "mid_loss": stat([f.mid_loss for f in items]),
         "param_norm_decay": stat([f.norm_decay for f in items]),
         "eff_lr_decay": stat([f.eff_lr_decay for f in items]),
+        "adam_eff_lr": stat([f.adam_eff_lr for f in items]),
         "final_vs_baseline": versus(final, base),
     }
 

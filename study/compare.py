@@ -24,7 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 
 from study.plots import finite, loss_limits, new_figure, palette, save_figure
-from study.runs import Run, StudyError, labels, load_runs, report_dir, varying_keys
+from study.runs import Run, StudyError, labels, load_runs, report_dir, to_float, varying_keys
 from study.sensitivity import LRGroup, lr_groups
 
 # One marker per detection kind, drawn on the run's loss line at the detection step.
@@ -42,10 +42,13 @@ COLUMNS = [
     ("steps", "steps"),
     ("final_loss", "final loss"),
     ("final_val_loss", "final val loss"),
+    ("gap_to_floor", "val gap to floor"),
     ("divergences", "divergences"),
     ("first_divergence_step", "first divergence step"),
     ("mean_tok_per_s", "mean tok/s"),
+    ("kernel_path", "CPU kernel path"),
 ]
+_OPTIONAL = ("mean_tok_per_s", "gap_to_floor")
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -58,13 +61,16 @@ def table_rows(runs: Sequence[Run], run_labels: Sequence[str]) -> list[dict[str,
         row: dict[str, Any] = {"label": text, "run": run.name}
         row.update({key: run.summary.get(key) for key, _ in COLUMNS})
         row["mean_tok_per_s"] = run.mean_tok_per_s
+        row["gap_to_floor"] = to_float(row["final_val_loss"]) - run.loss_floor
+        row["kernel_path"] = run.kernel_path
         rows.append(row)
     return rows
 
 
 def _cell(key: str, value: Any) -> str:
     """Markdown text of a table value: losses to 4 decimals, throughput to whole tokens."""
-    if value is None or (key == "mean_tok_per_s" and not math.isfinite(value)):
+    # Unknown throughput or floor is "-"; a NaN loss stays "nan" (it tells of a blow-up).
+    if value is None or (key in _OPTIONAL and not math.isfinite(value)):
         return "-"
     if isinstance(value, float) and math.isfinite(value):
         return f"{value:,.0f}" if key == "mean_tok_per_s" else f"{value:.4f}"
@@ -185,7 +191,12 @@ def plot_val_loss(
     for run, color in zip(runs, colors, strict=True):
         steps, values = run.val_series()
         ax.plot(steps, finite(values), color=color, lw=1.3, marker="o", ms=3)
-    ax.set_ylabel("val loss")
+    floors = sorted({f for f in (run.loss_floor for run in runs) if math.isfinite(f)})
+    for floor in floors:
+        ax.axhline(floor, color="black", ls="--", lw=1)
+        ax.annotate(f"floor {floor:.3f}", (0, floor), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(4, 3), fontsize=8)  # fmt: skip
+    ax.set_ylabel("val loss (dashed: the data's loss floor)" if floors else "val loss")
     return save_figure(
         fig,
         out / "val_loss.png",

@@ -247,16 +247,19 @@ def _claim1_md(c1: dict[str, Any]) -> str:
             r["final_loss"].text(),
             versus_text(r["final_vs_baseline"]) if r["weight_decay"] > 0 else "-",
             r["final_val_loss"].text(),
+            r["val_gap_to_floor"].text(),
             r["mid_loss"].text(),
             r["param_norm_decay"].text(".4g"),
             r["eff_lr_decay"].text(".3g"),
+            r["adam_eff_lr"].text(".3g"),
         ]
         for g in c1["groups"]
         for r in g["arms"]
     ]
     headers = (
         "group|arm|runs|left out (blew up)|final train loss|vs λ=0 (± 2 SE)|final val loss"
-        "|mid-training loss|decay-group norm (final)|eff. LR decay group (2nd half)"
+        "|val gap to floor|mid-training loss|decay-group norm (final)"
+        "|eff. LR decay group (2nd half)|Adam eff. LR, paper's (2nd half)"
     ).split("|")
     return (
         f"- Mechanism (decay-group norm lower, effective LR higher): "
@@ -386,7 +389,8 @@ METHOD = f"""\
   mid-training loss: over {MID_WINDOW[0]:.0%}-{MID_WINDOW[1]:.0%} (the paper's 20k of 50k
   steps). Runs that blew up (claim 2) are left out of loss, norm and effective-LR statistics.
 - Decay-group norm: last logged `param_norm/decay`; effective LR: mean `eff_lr/decay`
-  (`lr / ||w_decay||`) over the second half of the run.
+  (`lr / ||w_decay||`) over the second half of the run; the paper's Adam effective LR: mean
+  `adam_eff_lr` (mean over weights of `lr / (sqrt(v) + eps)`) over the second half.
 - An effect counts when the difference of means exceeds {Z:g} standard errors of the difference
   (`sqrt(s1²/n1 + s2²/n2)`); fewer than {MIN_SEEDS} seeds on a side: cannot tell. With enough
   seeds and no effect beyond the spread, or one in the other direction: not reproduced.
@@ -394,6 +398,19 @@ METHOD = f"""\
   where bf16 without weight decay was not run, "not reproduced" where it ran and never blew up.
 - Groups that disagree give "cannot tell" overall; each group's verdict is listed in the reason.
 """
+
+
+def _paths_md(paths: list[dict[str, Any]]) -> str:
+    rows = [
+        [p["kernel_path"] or "not recorded", str(p["runs"]), _dash(p["loss_floor"], ".4f")]
+        for p in paths
+    ]
+    return (
+        "Runs on different kernel paths are never pooled into one group (the path is a grouping "
+        "key). The loss floor is the best mean validation loss any model can reach on the "
+        "data (the stream's entropy rate over the run's windows).\n\n"
+        + markdown_table(["CPU kernel path", "runs", "loss floor"], rows)
+    )
 
 
 def write_markdown(out: Path, result: dict[str, Any], plots: dict[str, Path | None]) -> Path:
@@ -420,6 +437,7 @@ def write_markdown(out: Path, result: dict[str, Any], plots: dict[str, Path | No
         f"# The paper's claims, tested on our runs\n\n{result['runs']} runs from "
         f"{len(result['sweeps'])} sweep(s).\n\n{summary}\n",
         f"## Sweeps\n\n{sweeps}\n",
+        f"## Data and CPU kernel paths\n\n{_paths_md(result['paths'])}\n",
     ]
     bodies = {"claim1": _claim1_md, "claim2": _claim2_md, "claim3": _claim3_md}
     for key, body in bodies.items():
@@ -484,6 +502,15 @@ def _sweep_info(arg: str, runs: list[Run]) -> dict[str, Any]:
     }
 
 
+def _kernel_paths(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Runs per (CPU kernel path, loss floor), in first-seen order."""
+    counts: dict[tuple[str | None, float], int] = {}
+    for run in runs:
+        key = (run.kernel_path, run.loss_floor)
+        counts[key] = counts.get(key, 0) + 1
+    return [{"kernel_path": p, "loss_floor": f, "runs": n} for (p, f), n in counts.items()]
+
+
 def build_report(
     args: Sequence[str], out: Path, per_sweep: bool = True, plots: bool = True
 ) -> tuple[list[Path], list[str]]:
@@ -536,6 +563,7 @@ def build_report(
         "sweeps": sweeps,
         "claims": {"claim1": c1, "claim2": claim2(items), "claim3": claim3(c1)},
         "lr_sensitivity": lr_sensitivity(items),
+        "paths": _kernel_paths(runs),
         "notes": notes,
     }
     figures = {}

@@ -24,6 +24,10 @@ DETECTION_KINDS = ("nonfinite", "spike", "drift", "attn_logit", "output_logit")
 # Config keys that name where a run writes or logs, not what it trains: never a "difference".
 IGNORED_KEYS = {"run.name", "run.out_dir", "checkpoint.resume"}
 IGNORED_PREFIXES = ("meta.", "wandb.")
+# Recorded facts that are part of the experiment all the same: runs on different CPU kernel
+# paths are never one cell (monitor/kernel_path.py says why).
+KERNEL_PATH_KEY = "meta.kernel_path.path"
+FLOOR_KEY = "meta.data.loss_floor"
 # Keys that eval-only metrics lines carry besides `val_*`; anything else makes a line a train line.
 _EVAL_LINE_KEYS = {"step", "time", "tokens"}
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -75,6 +79,16 @@ class Run:
         _, losses = self.series("loss")
         finite = losses[np.isfinite(losses)]
         return float(finite[0]) if finite.size else math.nan
+
+    @property
+    def kernel_path(self) -> str | None:
+        """The CPU kernel path the run recorded (None for runs made before it was recorded)."""
+        return self.flat_config.get(KERNEL_PATH_KEY)
+
+    @property
+    def loss_floor(self) -> float:
+        """The best loss any model can reach on the run's data (NaN where unknown)."""
+        return to_float(self.flat_config.get(FLOOR_KEY))
 
     @property
     def mean_tok_per_s(self) -> float:
@@ -305,6 +319,8 @@ def canonical(value: Any) -> str:
 
 def ignored(key: str) -> bool:
     """Whether a config key is bookkeeping (names, paths, logging), not part of the experiment."""
+    if key == KERNEL_PATH_KEY:
+        return False
     return key in IGNORED_KEYS or any(key.startswith(p) for p in IGNORED_PREFIXES)
 
 

@@ -32,6 +32,8 @@ EXPECTED_RUNS = {
     "proxy_lr_clip": 8,
     "proxy_bf16_divergence": 9,
     "proxy_controls": 8,
+    "stream_wd": 9,
+    "stream_pilot": 3,
 }
 PROXY_BUDGET_MIN = 60
 # a tiny GPT on the built-in corpus: a run is mostly interpreter and DeepSpeed start-up
@@ -307,7 +309,9 @@ def test_dry_run_prints_every_run_config_and_the_cost(path, tmp_path, capsys):
     else:
         minutes = float(re.search(r"about ([\d,.]+) minutes", cost[0]).group(1).replace(",", ""))
         assert "at most about" in cost[0] and "a bound" in cost[0]  # fitted to small models
-        if path.stem.startswith("proxy_"):
+        if path.stem.startswith("stream_"):
+            assert minutes / len(runs) <= 15  # launch.sizing: a run within 15 min on one core
+        elif path.stem.startswith("proxy_"):
             assert minutes <= PROXY_BUDGET_MIN
         else:
             assert minutes <= 25  # the CPU versions of the paper's experiments

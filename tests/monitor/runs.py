@@ -78,16 +78,20 @@ def run(run_dir: Path, corpus: Path, stop_step: int | None = None, **extra: obje
     return train.run(load_config(None, overrides(run_dir, corpus, **extra)), stop_step)
 
 
-def blow_up(run_dir: Path, corpus: Path, checkpoint_interval: int) -> dict:
-    """20 healthy steps, then the run resumed at `LR_BLOW_UP` under the `stop` policy."""
-    run(run_dir, corpus, 20, **{"checkpoint.interval": 10})
-    hot = {
+def blow_up_overrides(checkpoint_interval: int) -> dict[str, object]:
+    """The overrides that resume a healthy run at `LR_BLOW_UP` under the `stop` policy."""
+    return {
         **LR_BLOW_UP,
         "checkpoint.force_resume": True,
         "checkpoint.interval": checkpoint_interval,
         "divergence.policy": "stop",
     }
-    return run(run_dir, corpus, **hot)
+
+
+def blow_up(run_dir: Path, corpus: Path, checkpoint_interval: int) -> dict:
+    """20 healthy steps, then the run resumed at `LR_BLOW_UP` under the `stop` policy."""
+    run(run_dir, corpus, 20, **{"checkpoint.interval": 10})
+    return run(run_dir, corpus, **blow_up_overrides(checkpoint_interval))
 
 
 @contextmanager

@@ -183,6 +183,7 @@ def test_learning_rate_blow_up_stops_the_run_and_a_restart_resumes_the_last_good
     assert runs.events(run_dir, "stop")[-1]["path"] == str(diverged)
     assert (ckpts / "latest").read_text().strip() == "step_00000020"
 
+    hot = runs.blow_up_overrides(checkpoint_interval=10)
     again = runs.run(run_dir, corpus, **hot)  # the same command: the same detection, again
     resume = runs.events(run_dir, "resume")[-1]
     assert resume["path"] == str(ckpts / "step_00000020") and resume["step"] == 20

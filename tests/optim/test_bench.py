@@ -1,8 +1,10 @@
 """`python -m optim.bench` compares equal work: the two steps end on the same loss."""
 
+from pathlib import Path
+
 import pytest
 
-from optim.bench import main
+from optim.bench import bench_config, build_parser, main
 
 
 def test_bench_runs_both_steps_on_the_same_work(dist_env, capsys):
@@ -16,3 +18,11 @@ def test_bench_runs_both_steps_on_the_same_work(dist_env, capsys):
     )
     assert figures["engine_mfu"] is None  # no peak FLOPs known for a CPU
     assert "ratio ours / reference" in capsys.readouterr().out
+
+
+def test_sweep_flag_times_the_sweeps_model() -> None:
+    sweep = Path(__file__).resolve().parents[2] / "configs" / "sweeps" / "stream_wd.yaml"
+    cfg = bench_config(build_parser().parse_args(["--sweep", str(sweep)]))
+    m = cfg.model
+    assert (m.n_layer, m.n_embd, m.vocab_size, m.block_size) == (2, 64, 2048, 128)
+    assert cfg.train.micro_batch_size == 32 and cfg.precision == "fp32"

@@ -194,8 +194,14 @@ def test_summary_csv_values(sweep_report: Path) -> None:
 def test_summary_md(sweep_report: Path, sweep_dir: Path) -> None:
     text = (sweep_report / "summary.md").read_text()
     assert "Runs differ in: `optim.weight_decay`, `precision`." in text
-    assert "| weight_decay=0 precision=fp32 | diverged | 15 | nan | - | 2 | 14 | 1,075 |" in text
-    assert "| weight_decay=0.1 precision=bf16 | completed | 20 | 3.2500 | 3.3500 | 1 | 10 |" in text
+    assert (
+        "| weight_decay=0 precision=fp32 | diverged | 15 | nan | - | - | 2 | 14 | 1,075 | - |"
+        in text
+    )
+    assert (
+        "| weight_decay=0.1 precision=bf16 | completed | 20 | 3.2500 | 3.3500 | - | 1 | 10 |"
+        in text
+    )
     for name in SWEEP_PNGS:
         assert f"]({name}.png)" in text
     assert "LR sensitivity" not in text  # the LR does not vary

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from study import compare
 from study.report import build_report, default_out, main
+from study.runs import load_runs
 from study.stats import fisher_greater, stat, versus
 from tests.study.conftest import config_with, event, train_line, write_run
 
@@ -48,7 +50,7 @@ def write_sweep_run(
     """One run of a sweep; `stop` ends it with a NaN loss at that step; from step `jump` on the
     loss is 8.0 (a blow-up that stays finite)."""
     last = MAX_STEPS if stop is None else stop
-    norms = {"param_norm/decay": norm, "eff_lr/decay": 3e-3 / norm}
+    norms = {"param_norm/decay": norm, "eff_lr/decay": 3e-3 / norm, "adam_eff_lr": norm / 10}
     losses = [8.0 if jump and s >= jump else loss_at(s, mid, final) for s in range(last + 1)]
     lines = [train_line(s, loss, **norms) for s, loss in enumerate(losses[:-1])]
     lines.append(train_line(last, "nan" if stop else losses[-1], **norms))
@@ -134,6 +136,7 @@ def test_claim1_reproduced(tmp_path: Path) -> None:
     assert decayed["eff_lr_decay"]["mean"] == pytest.approx(
         np.mean([3e-3 / n for n in (91, 92, 93)])
     )
+    assert decayed["adam_eff_lr"]["mean"] == pytest.approx(9.2)  # norm / 10 in write_sweep_run
     assert c1["mechanism"]["verdict"] == "reproduced"  # norm down, effective LR up
     assert c1["order"]["verdict"] == "reproduced"  # higher mid-training, lower at the end
     assert "Verdict on claim 1: **reproduced**" in text
@@ -143,6 +146,34 @@ def test_claim1_reproduced(tmp_path: Path) -> None:
         "claim1_dynamics.png",
         "claim2_divergence.png",
     }
+
+
+def test_kernel_paths_are_never_pooled_and_the_floor_gap_is_reported(tmp_path: Path) -> None:
+    root = tmp_path / "paths"
+    for path, offset in (("aten:AVX2 onednn:AVX2 sdpa:FLASH_ATTENTION", 0.0), ("cuda:H100", 0.3)):
+        for wd, final in ((0.0, 3.3), (0.1, 3.2)):
+            for seed in (1, 2, 3):
+                write_sweep_run(
+                    root,
+                    f"{path[:4]}-wd{wd:g}-s{seed}",
+                    final=final + offset + NOISE[seed - 1],
+                    optim__weight_decay=wd,
+                    run__seed=seed,
+                    meta__kernel_path={"path": path},
+                    meta__data={"loss_floor": 2.75},
+                )
+    claims, text = make_report(root, out=tmp_path / "out")
+    groups = claims["claims"]["claim1"]["groups"]
+    assert sorted(g["group"] for g in groups) == [
+        "path=aten:AVX2 onednn:AVX2 sdpa:FLASH_ATTENTION",
+        "path=cuda:H100",
+    ]
+    gaps = {g["group"][5:9]: g["arms"][1]["val_gap_to_floor"]["mean"] for g in groups}
+    assert gaps == pytest.approx({"aten": 3.3 - 2.75, "cuda": 3.6 - 2.75})  # val = final + 0.1
+    assert "| cuda:H100 | 6 | 2.7500 |" in text
+    compare.report(load_runs([str(root)]), tmp_path / "cmp")
+    table = (tmp_path / "cmp" / "summary.md").read_text()
+    assert "| 3.5000 | 3.6000 | 0.8500 | 0 | - | 1,200 | cuda:H100 |" in table
 
 
 def test_claim1_identical_losses_not_reproduced(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from monitor.run_record import RunRecord
 from monitor.sinks import write_json_atomic
 from monitor.telemetry import Telemetry
 from optim.engine import StepScalars, UpdateGate, initialize, set_lr
+from optim.forms import form_metrics, mark_start
 from optim.schedule import lr_at
 
 
@@ -121,7 +122,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
             monitor=watch.state_dict(),
             optimizer={
                 "name": o.name,
-                "decoupled": o.name == "adamw",
+                "decoupled": o.name != "adam_l2",
                 "weight_decay": o.weight_decay,
             },
             config=cfg.model_dump(mode="json"),
@@ -153,6 +154,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     else:
         if init_from is not None:  # weights and optimizer state; step and monitors anew
             source = ckpt.load(engine, init_from, rng=False)
+            mark_start(optimizer)  # adam_spd's theta_0: these weights
             try:  # the same data, batch and seed: go on to data the source run has not seen
                 loader.load_state_dict(source["loader"])
             except DataError:
@@ -193,6 +195,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
         if log_step:
             telemetry_fields = telemetry.read(lr, scalars.grad_norm, output)
             line = metrics_line(step, tokens, lr, scalars, telemetry_fields)
+            line.update(form_metrics(optimizer))
             line.update(meter.read(step))
             watch.observe_telemetry(step, line)
             record.metrics(line)

@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from checkpoint.config import CheckpointConfig
 from configs.base import Section
@@ -46,3 +46,12 @@ class TrainConfig(Section):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.optim.name == "adam_spd" and self.checkpoint.init_from is None:
+            raise ValueError(
+                "optim.name=adam_spd decays toward the starting weights of a fine-tune: set "
+                "checkpoint.init_from to the checkpoint to start from"
+            )
+        return self

@@ -32,7 +32,10 @@ def batches(vocab: int, block: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     shape = (GLOBAL_BATCH, block)
     return [
-        (torch.randint(0, vocab, shape, generator=gen), torch.randint(0, vocab, shape, generator=gen))
+        (
+            torch.randint(0, vocab, shape, generator=gen),
+            torch.randint(0, vocab, shape, generator=gen),
+        )
         for _ in range(STEPS)
     ]
 

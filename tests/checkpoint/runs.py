@@ -101,13 +101,19 @@ class Interrupted:
     """
 
     def __init__(
-        self, run_dir: Path, zero_stage: int, world_size: int, sig: signal.Signals, seed: int
+        self,
+        run_dir: Path,
+        zero_stage: int,
+        world_size: int,
+        sig: signal.Signals,
+        seed: int,
+        **extra: object,
     ):
         self.run_dir, self.sig = run_dir, sig
         self.target = random.Random(seed).randint(INTERVAL + 1, MAX_STEPS - 2)
         self.signalled_at = 0
         self.proc = subprocess.Popen(
-            command(run_dir, zero_stage, world_size),
+            command(run_dir, zero_stage, world_size, **extra),
             cwd=REPO,
             env=env(world_size),
             stdout=subprocess.DEVNULL,

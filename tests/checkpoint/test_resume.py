@@ -5,6 +5,7 @@ weights, equal those of the uninterrupted run. After a world-size change the num
 float32 reduction-order noise (~1e-6), asserted at 1e-5.
 """
 
+import json
 import shutil
 import signal
 
@@ -52,10 +53,26 @@ def test_one_rank_resume_is_bitwise(training_runs, zero_stage):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("form", ["adamw_indep", "adamp", "adam_spd"])
 @pytest.mark.parametrize("zero_stage", [1, 3])
-def test_two_rank_resume_is_bitwise(training_runs, zero_stage):
+def test_every_decay_form_resumes_bitwise(training_runs, zero_stage, form):
+    """adam_spd's theta_0 too: it lives in the optimizer state, sharded like the weights."""
+    run_set = training_runs.get(zero_stage, form=form)
+    assert_interrupted(run_set)
+    assert_bitwise(run_set.reference, run_set.cut)
+    from checkpoint.manager import read_harness
+
+    assert read_harness(newest_checkpoint(run_set.cut))["optimizer"]["name"] == form
+    if form == "adam_spd":  # the decay toward theta_0 happened, so a lost theta_0 would show
+        lines = (run_set.cut / "metrics.jsonl").read_text().splitlines()
+        assert any(json.loads(line).get("spd_decay_frac", 0) > 0 for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("zero_stage", "form"), [(1, "adamw"), (3, "adamw"), (3, "adam_spd")])
+def test_two_rank_resume_is_bitwise(training_runs, zero_stage, form):
     """torchrun: SIGTERM to the launcher (ZeRO 1), SIGKILL to every process (ZeRO 3)."""
-    run_set = training_runs.get(zero_stage, world_size=2)
+    run_set = training_runs.get(zero_stage, world_size=2, form=form)
     assert_interrupted(run_set)
     assert_bitwise(run_set.reference, run_set.cut)
 

@@ -1,8 +1,9 @@
 """Training runs shared by the checkpoint tests, each made once per session and only on demand.
 
-For a (ZeRO stage, world size, optim.name) the runs are: `reference` (uninterrupted), `cut` (interrupted by
-a signal, then resumed to the end) and `cut_copy` (the interrupted run directory as the signal
-left it, for the tests that resume it elsewhere: another world size, damaged checkpoints).
+For a (ZeRO stage, world size, optim.name) the runs are: `reference` (uninterrupted), `cut`
+(interrupted by a signal, then resumed to the end) and `cut_copy` (the interrupted run directory
+as the signal left it, for the tests that resume it elsewhere: another world size, damaged
+checkpoints).
 adam_spd runs start (`checkpoint.init_from`) from step 6 of the adamw reference of their stage.
 """
 

@@ -72,6 +72,11 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     universal = source is not None and needs_universal(
         read_harness(source), env.world_size, cfg.zero_stage
     )
+    if universal and resume_from and cfg.optim.name == "adam_spd":
+        raise CheckpointError(
+            f"{source} holds adam_spd's starting weights, which DeepSpeed's universal checkpoint "
+            "does not carry: resume it on the world size and ZeRO stage it was saved with"
+        )
     engine, optimizer = initialize(model, cfg, env.world_size, env.device, universal)
     if cfg.train.compile:
         engine.compile()

@@ -69,6 +69,21 @@ def test_every_decay_form_resumes_bitwise(training_runs, zero_stage, form):
 
 
 @pytest.mark.slow
+def test_adam_spd_refuses_a_resume_on_another_world_size(training_runs, tmp_path):
+    """DeepSpeed's universal checkpoint carries weights and moments, not theta_0."""
+    run_set = training_runs.get(1, form="adam_spd")
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_set.cut_copy, run_dir)
+    start = runs.events(run_dir, "init_from")[0]["path"]
+    extra = {"optim.name": "adam_spd", "checkpoint.init_from": start}
+    result = runs.train(run_dir, 1, world_size=2, **extra)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors and all("universal checkpoint does not carry" in line for line in errors)
+    assert runs.losses(run_dir) == runs.losses(run_set.cut_copy)  # nothing lost
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("zero_stage", "form"), [(1, "adamw"), (3, "adamw"), (3, "adam_spd")])
 def test_two_rank_resume_is_bitwise(training_runs, zero_stage, form):
     """torchrun: SIGTERM to the launcher (ZeRO 1), SIGKILL to every process (ZeRO 3)."""

@@ -18,6 +18,14 @@ from tests.checkpoint import runs
 
 # One stage per world size takes SIGTERM (save and exit as "preempted"); the rest SIGKILL.
 SIGNALS = {(2, 1): signal.SIGTERM, (1, 2): signal.SIGTERM}
+# The decay forms' runs: a learning rate at which, within 8 steps, AdamP projects some matrices
+# (at a delta above the paper's 0.1) and SPD's pull-back test passes for some tensors.
+FORM_EXTRA = {
+    "optim.lr": 1e-2,
+    "optim.min_lr": 1e-3,
+    "optim.warmup_steps": 2,
+    "optim.adamp_delta": 3.0,
+}
 
 
 @dataclass
@@ -47,9 +55,12 @@ class Runs:
         from checkpoint.export import find_checkpoint
 
         extra: dict[str, object] = {"optim.name": form}
+        if form != "adamw":
+            extra.update(FORM_EXTRA)
         if form == "adam_spd":
             source = self.get(zero_stage, world_size).reference
             extra["checkpoint.init_from"] = find_checkpoint(source, 6)
+            extra["optim.weight_decay"] = 0.5
         name = f"zero{zero_stage}_ranks{world_size}_{form}"
         reference, cut = self.root / f"{name}_reference", self.root / f"{name}_cut"
         sig = SIGNALS.get((zero_stage, world_size), signal.SIGKILL)

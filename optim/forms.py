@@ -107,8 +107,7 @@ class FormAdam(torch.optim.Optimizer):
         self.layouts, self.flats = {}, []
         if zero_stage in (1, 2):
             for i, flat in enumerate(zero.single_partition_of_fp32_groups):
-                layout = _zero12_layout(zero, i)
-                self.layouts[id(flat)] = layout
+                self.layouts[id(flat)] = _zero12_layout(zero, i)
                 self.flats.append((i, flat))
         else:
             for i, flat in enumerate(zero.fp32_partitioned_groups_flat):
@@ -158,7 +157,8 @@ class FormAdam(torch.optim.Optimizer):
         return None
 
     def _adam(self, p: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
-        """Update the moments; return m_hat-free direction m / (sqrt(v_hat) + eps) and lr / bc1."""
+        """Update the moments; return the direction m / (sqrt(v_hat) + eps) and its step size
+        lr / (1 - beta1^t), in the order of operations of torch's Adam and PyPI adamp."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0)

@@ -18,14 +18,6 @@ from tests.checkpoint import runs
 
 # One stage per world size takes SIGTERM (save and exit as "preempted"); the rest SIGKILL.
 SIGNALS = {(2, 1): signal.SIGTERM, (1, 2): signal.SIGTERM}
-# The decay forms' runs: a learning rate at which, within 8 steps, AdamP projects some matrices
-# (at a delta above the paper's 0.1) and SPD's pull-back test passes for some tensors.
-FORM_EXTRA = {
-    "optim.lr": 1e-2,
-    "optim.min_lr": 1e-3,
-    "optim.warmup_steps": 2,
-    "optim.adamp_delta": 3.0,
-}
 
 
 @dataclass
@@ -56,7 +48,7 @@ class Runs:
 
         extra: dict[str, object] = {"optim.name": form}
         if form != "adamw":
-            extra.update(FORM_EXTRA)
+            extra.update(runs.FORM_EXTRA)
         if form == "adam_spd":
             source = self.get(zero_stage, world_size).reference
             extra["checkpoint.init_from"] = find_checkpoint(source, 6)

@@ -78,7 +78,8 @@ def test_adam_spd_refuses_a_resume_on_another_world_size(training_runs, tmp_path
     run_dir = tmp_path / "run"
     shutil.copytree(run_set.cut_copy, run_dir)
     start = runs.events(run_dir, "init_from")[0]["path"]
-    extra = {"optim.name": "adam_spd", "checkpoint.init_from": start}
+    extra = {**runs.FORM_EXTRA, "optim.name": "adam_spd", "optim.weight_decay": 0.5}
+    extra["checkpoint.init_from"] = start
     result = runs.train(run_dir, 1, world_size=2, **extra)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error:" in line]

@@ -19,7 +19,7 @@ class OptimConfig(Section):
     )
     weight_decay: float = Field(0.1, ge=0.0, description="λ on matrices and embeddings only")
     adamp_delta: float = Field(
-        0.1, gt=0.0, description="adamp: project when |cos(g, w)| < delta / sqrt(view width)"
+        0.1, gt=0.0, description="adamp: project where abs(cos(g, w)) < delta / sqrt(view width)"
     )
     adamp_wd_ratio: float = Field(
         0.1, ge=0.0, description="adamp: decay multiplier of a tensor whose update is projected"

@@ -40,6 +40,7 @@ from monitor.run_record import RunRecord, is_complete, read_summary
 from monitor.telemetry import Telemetry
 from optim.adam_lr import adam_effective_lr
 from optim.engine import StepScalars, UpdateGate, initialize, set_lr
+from optim.forms import form_metrics, mark_start
 from optim.schedule import lr_at
 
 
@@ -97,6 +98,11 @@ def train_run(
     universal = source is not None and needs_universal(
         read_harness(source), env.world_size, cfg.zero_stage
     )
+    if universal and resume_from and cfg.optim.name == "adam_spd":
+        raise CheckpointError(
+            f"{source} holds adam_spd's starting weights, which DeepSpeed's universal checkpoint "
+            "does not carry: resume it on the world size and ZeRO stage it was saved with"
+        )
     engine, optimizer = initialize(model, cfg, env.world_size, env.device, universal)
     if cfg.train.compile:
         engine.compile()
@@ -146,7 +152,7 @@ def train_run(
             monitor=watch.state_dict(),
             optimizer={
                 "name": o.name,
-                "decoupled": o.name == "adamw",
+                "decoupled": o.name != "adam_l2",
                 "weight_decay": o.weight_decay,
             },
             config=cfg.model_dump(mode="json"),
@@ -179,6 +185,7 @@ def train_run(
     else:
         if init_from is not None:  # weights and optimizer state; step and monitors anew
             source = ckpt.load(engine, init_from, rng=False)
+            mark_start(optimizer)  # adam_spd's theta_0: these weights
             try:  # the same data, batch and seed: go on to data the source run has not seen
                 loader.load_state_dict(source["loader"])
             except DataError:
@@ -220,6 +227,7 @@ def train_run(
             telemetry_fields = telemetry.read(lr, scalars.grad_norm, output)
             line = metrics_line(step, tokens, lr, scalars, telemetry_fields)
             line["adam_eff_lr"] = adam_effective_lr(optimizer)  # the paper's Adam effective LR
+            line.update(form_metrics(optimizer))
             line.update(meter.read(step))
             watch.observe_telemetry(step, line)
             record.metrics(line)

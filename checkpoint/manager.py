@@ -43,7 +43,7 @@ _CHUNK_BYTES = 16 << 20
 
 
 class OptimizerKind(TypedDict):
-    name: str  # adamw | adam_l2
+    name: str  # optim.name: adamw | adam_l2 | adamw_indep | adamp | adam_spd
     decoupled: bool
     weight_decay: float
 

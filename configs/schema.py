@@ -65,10 +65,15 @@ class TrainConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @model_validator(mode="after")
-    def _move_aside_starts_afresh(self) -> "TrainConfig":
+    def _check(self) -> "TrainConfig":
         if self.run.move_aside and self.checkpoint.resume != "never":
             raise ValueError(
                 "run.move_aside=true moves an old run aside to start afresh: it needs "
                 "checkpoint.resume=never"
+            )
+        if self.optim.name == "adam_spd" and self.checkpoint.init_from is None:
+            raise ValueError(
+                "optim.name=adam_spd decays toward the starting weights of a fine-tune: set "
+                "checkpoint.init_from to the checkpoint to start from"
             )
         return self

@@ -8,8 +8,8 @@ from configs.base import Section
 
 
 class OptimConfig(Section):
-    name: Literal["adamw", "adam_l2"] = Field(
-        "adamw", description="adamw: decoupled decay p*=1-lr*wd; adam_l2: g+=wd*p before Adam"
+    name: Literal["adamw", "adam_l2", "adamw_indep", "adamp", "adam_spd"] = Field(
+        "adamw", description="decay form; see the optimizer table (what weight_decay means in each)"
     )
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
     min_lr: float = Field(1e-4, ge=0.0, description="learning rate at the end of the cosine")
@@ -18,6 +18,12 @@ class OptimConfig(Section):
         "cosine", description="after warmup: cosine to min_lr, or constant at lr"
     )
     weight_decay: float = Field(0.1, ge=0.0, description="λ on matrices and embeddings only")
+    adamp_delta: float = Field(
+        0.1, gt=0.0, description="adamp: project where abs(cos(g, w)) < delta / sqrt(view width)"
+    )
+    adamp_wd_ratio: float = Field(
+        0.1, ge=0.0, description="adamp: decay multiplier of a tensor whose update is projected"
+    )
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam (beta1, beta2)")
     eps: float = Field(1e-8, gt=0.0, description="Adam epsilon")
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables clipping")

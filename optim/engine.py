@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from configs import ConfigError
 from configs.schema import TrainConfig
+from optim.forms import FORMS, FormAdam
 from optim.groups import param_groups
 
 # Decides whether the update of `step` is applied, given its loss and pre-clip grad norm.
@@ -76,20 +77,28 @@ def _merge_extra(config: dict[str, Any], extra: dict[str, Any], where: str) -> N
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device):
-    """AdamW (decoupled) or Adam+L2 (coupled), gated; DeepSpeed's FusedAdam on GPU.
+    """The optimizer of `optim.name`, gated; DeepSpeed's FusedAdam on GPU for the torch forms.
 
-    On the CPU, torch's own Adam/AdamW: no kernel build, and bitwise what torch users get.
+    adamw, adamw_indep, adam_l2: on the CPU torch's own AdamW/Adam (no kernel build, and bitwise
+    what torch users get). adamw_indep is AdamW with wd / lr_max: its per-step shrink
+    lr_t * wd / lr_max is the paper's schedule multiplier times wd. adamp, adam_spd: `FormAdam`.
     """
     o = cfg.optim
-    decoupled = o.name == "adamw"
-    kwargs = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    if device.type == "cuda":
-        from deepspeed.ops.adam import FusedAdam
-
-        base, kwargs = FusedAdam, {**kwargs, "adam_w_mode": decoupled}
+    if o.name in FORMS:
+        base = FormAdam
+        kwargs = dict(form=o.name, delta=o.adamp_delta, wd_ratio=o.adamp_wd_ratio)
     else:
-        base = torch.optim.AdamW if decoupled else torch.optim.Adam
-        kwargs["foreach"] = True
+        decoupled = o.name != "adam_l2"
+        if o.name == "adamw_indep":
+            groups = [{**g, "weight_decay": g["weight_decay"] / o.lr} for g in groups]
+        if device.type == "cuda":
+            from deepspeed.ops.adam import FusedAdam
+
+            base, kwargs = FusedAdam, {"adam_w_mode": decoupled}
+        else:
+            base = torch.optim.AdamW if decoupled else torch.optim.Adam
+            kwargs = {"foreach": True}
+    kwargs.update(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     gated_cls = type(f"Gated{base.__name__}", (_GatedStep, base), {})
     return gated_cls(groups, **kwargs)
 
@@ -200,6 +209,8 @@ def initialize(
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, load_universal)
     )
+    if isinstance(optimizer, FormAdam):
+        optimizer.attach(engine, cfg.zero_stage)
     return engine, optimizer
 
 

@@ -22,6 +22,14 @@ MAX_STEPS = 8
 INTERVAL = 2  # checkpoints at 0, 2, 4, 6, 8
 GLOBAL_BATCH = 4
 TIMEOUT_S = 240
+# The decay forms' runs: a learning rate at which, within 8 steps, AdamP projects some matrices
+# (at a delta above the paper's 0.1) and SPD's pull-back test passes for some tensors.
+FORM_EXTRA = {
+    "optim.lr": 1e-2,
+    "optim.min_lr": 1e-3,
+    "optim.warmup_steps": 2,
+    "optim.adamp_delta": 3.0,
+}
 
 
 def overrides(run_dir: Path, zero_stage: int, world_size: int = 1, **extra: object) -> list[str]:
@@ -101,13 +109,19 @@ class Interrupted:
     """
 
     def __init__(
-        self, run_dir: Path, zero_stage: int, world_size: int, sig: signal.Signals, seed: int
+        self,
+        run_dir: Path,
+        zero_stage: int,
+        world_size: int,
+        sig: signal.Signals,
+        seed: int,
+        **extra: object,
     ):
         self.run_dir, self.sig = run_dir, sig
         self.target = random.Random(seed).randint(INTERVAL + 1, MAX_STEPS - 2)
         self.signalled_at = 0
         self.proc = subprocess.Popen(
-            command(run_dir, zero_stage, world_size),
+            command(run_dir, zero_stage, world_size, **extra),
             cwd=REPO,
             env=env(world_size),
             stdout=subprocess.DEVNULL,

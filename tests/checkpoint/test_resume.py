@@ -5,6 +5,7 @@ weights, equal those of the uninterrupted run. After a world-size change the num
 float32 reduction-order noise (~1e-6), asserted at 1e-5.
 """
 
+import json
 import shutil
 import signal
 
@@ -52,10 +53,45 @@ def test_one_rank_resume_is_bitwise(training_runs, zero_stage):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("form", ["adamw_indep", "adamp", "adam_spd"])
 @pytest.mark.parametrize("zero_stage", [1, 3])
-def test_two_rank_resume_is_bitwise(training_runs, zero_stage):
+def test_every_decay_form_resumes_bitwise(training_runs, zero_stage, form):
+    """adam_spd's theta_0 too: it lives in the optimizer state, sharded like the weights."""
+    run_set = training_runs.get(zero_stage, form=form)
+    assert_interrupted(run_set)
+    assert_bitwise(run_set.reference, run_set.cut)
+    from checkpoint.manager import read_harness
+
+    assert read_harness(newest_checkpoint(run_set.cut))["optimizer"]["name"] == form
+    # the rule fired after the cut, so a lost or reset state (theta_0 for SPD) would show
+    fired = {"adamp": ("adamp_proj_row", "adamp_proj_tensor"), "adam_spd": ("spd_decay_frac",)}
+    lines = [json.loads(line) for line in (run_set.cut / "metrics.jsonl").read_text().splitlines()]
+    after = [m for m in lines if m["step"] > runs.events(run_set.cut, "resume")[0]["step"]]
+    if form in fired:
+        assert any(m.get(key, 0) > 0 for m in after for key in fired[form])
+
+
+@pytest.mark.slow
+def test_adam_spd_refuses_a_resume_on_another_world_size(training_runs, tmp_path):
+    """DeepSpeed's universal checkpoint carries weights and moments, not theta_0."""
+    run_set = training_runs.get(1, form="adam_spd")
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_set.cut_copy, run_dir)
+    start = runs.events(run_dir, "init_from")[0]["path"]
+    extra = {**runs.FORM_EXTRA, "optim.name": "adam_spd", "optim.weight_decay": 0.5}
+    extra["checkpoint.init_from"] = start
+    result = runs.train(run_dir, 1, world_size=2, **extra)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors and all("universal checkpoint does not carry" in line for line in errors)
+    assert runs.losses(run_dir) == runs.losses(run_set.cut_copy)  # nothing lost
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("zero_stage", "form"), [(1, "adamw"), (3, "adamw"), (3, "adam_spd")])
+def test_two_rank_resume_is_bitwise(training_runs, zero_stage, form):
     """torchrun: SIGTERM to the launcher (ZeRO 1), SIGKILL to every process (ZeRO 3)."""
-    run_set = training_runs.get(zero_stage, world_size=2)
+    run_set = training_runs.get(zero_stage, world_size=2, form=form)
     assert_interrupted(run_set)
     assert_bitwise(run_set.reference, run_set.cut)
 

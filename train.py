@@ -37,6 +37,7 @@ from monitor.divergence import DivergenceWatch
 from monitor.perf import Throughput
 from monitor.policy import Action
 from monitor.run_record import RunRecord
+from monitor.sharpness import SharpnessProbe
 from monitor.sinks import write_json_atomic
 from monitor.telemetry import Telemetry
 from optim.engine import StepScalars, UpdateGate, initialize, set_lr
@@ -109,6 +110,9 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     gate = UpdateGate(engine, optimizer, cfg, veto=watch.veto)
     t = cfg.telemetry
     telemetry = Telemetry(engine.module, cfg.optim.grad_clip, t.enabled, t.interval, t.per_layer)
+    sharpness = SharpnessProbe(
+        cfg, engine, data_dir / "train.bin", env.rank, env.world_size, env.device
+    )
     preemption = PreemptionFlag().install()
     step, tokens = 0, 0
 
@@ -193,6 +197,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
         if log_step:
             telemetry_fields = telemetry.read(lr, scalars.grad_norm, output)
             line = metrics_line(step, tokens, lr, scalars, telemetry_fields)
+            line.update(sharpness.read(step))  # {} unless a sharpness step
             line.update(meter.read(step))
             watch.observe_telemetry(step, line)
             record.metrics(line)

@@ -45,6 +45,18 @@ class TelemetryConfig(Section):
     per_layer: bool = Field(
         False, description="also norms and update ratios per transformer block (replays set it)"
     )
+    sharpness_interval: int = Field(
+        0,
+        ge=0,
+        description="preconditioned sharpness of Adam on log steps that are multiples of this; "
+        "0 off",
+    )
+    sharpness_batch_size: int = Field(
+        8, ge=1, description="sequences in the fixed sharpness batch (the run's first ones)"
+    )
+    sharpness_iters: int = Field(
+        20, ge=2, description="most Lanczos iterations (Hessian-vector products) per eigenvalue"
+    )
 
 
 class WandbConfig(Section):

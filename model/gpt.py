@@ -124,6 +124,9 @@ class GPTOutput:
         loss: scalar mean cross-entropy (+ z-loss when configured); None without targets.
         log_z: detached scalar, mean over positions (with targets) of logsumexp(logits); None
             unless telemetry asked for it.
+        softmax_collapse: detached fp32 (2,), with telemetry and targets: the fraction of
+            positions whose top probability is 1.0, and the mean zero-sum residual of the
+            logits' gradient (see `GPT._softmax_collapse`).
         attn_logit_max: detached fp32 (n_layer,), per layer max |q.k/sqrt(hs)| over the causal
             scores; None unless telemetry.
     """
@@ -131,6 +134,7 @@ class GPTOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     log_z: torch.Tensor | None = None
+    softmax_collapse: torch.Tensor | None = None
     attn_logit_max: torch.Tensor | None = None
 
 
@@ -219,6 +223,8 @@ class GPT(nn.Module):
         log_z = torch.logsumexp(logits_f, dim=-1) if per_position else None  # (B, T)
         if targets is not None:
             out.loss = self._loss(logits_f, targets, log_z)
+        if telemetry and targets is not None:
+            out.softmax_collapse = self._softmax_collapse(logits_f, targets)
         if telemetry and log_z is not None:
             out.log_z = log_z.mean().detach()
         elif telemetry:
@@ -229,6 +235,30 @@ class GPT(nn.Module):
             mean_target = torch.where(valid, target_logit, 0.0).sum() / valid.sum()
             out.log_z = (out.loss + mean_target).detach()
         return out
+
+    @staticmethod
+    @torch.no_grad()
+    def _softmax_collapse(logits_f: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(fraction of positions whose top probability is exactly 1, mean zero-sum residual),
+        in fp32, the dtype the loss and its gradient are computed in.
+
+        The cross-entropy gradient on the logits, softmax - onehot, sums to zero over the
+        vocabulary; once the target's probability rounds to 1 (softmax collapse) it no longer
+        does, and |sum_v g_v| / sum_v |g_v| rises from ~0 towards 1.
+        """
+        probs = torch.softmax(logits_f, dim=-1)  # (B, T, V)
+        valid = targets != -1  # (B, T)
+        saturated = (probs.amax(dim=-1) == 1.0).float()  # (B, T)
+        index = targets.clamp(min=0).unsqueeze(-1)  # (B, T, 1)
+        grad = probs.scatter_add(-1, index, -torch.ones_like(index, dtype=probs.dtype))
+        residual = grad.sum(dim=-1).abs() / grad.abs().sum(dim=-1).clamp_min(1e-30)  # (B, T)
+        count = valid.sum()
+        return torch.stack(
+            [
+                torch.where(valid, saturated, 0.0).sum() / count,
+                torch.where(valid, residual, 0.0).sum() / count,
+            ]
+        )
 
     def _loss(
         self, logits_f: torch.Tensor, targets: torch.Tensor, log_z: torch.Tensor | None

@@ -32,6 +32,22 @@ class DivergenceConfig(Section):
         10.0, gt=1.0, description="growth factor of max attention logit between two readings"
     )
     output_log_z_max: float = Field(50.0, gt=0.0, description="|mean log Z| threshold")
+    slingshot_growth_factor: float = Field(
+        10.0,
+        gt=1.0,
+        description="slingshot: output-norm growth over its rolling median that starts a cycle",
+    )
+    slingshot_window: int = Field(
+        20,
+        ge=4,
+        description="slingshot: log readings in the rolling median and each phase's deadline",
+    )
+    slingshot_settle: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="slingshot: growth back below this share of its peak ends the cycle",
+    )
     evidence_steps: int = Field(32, ge=1, description="steps of telemetry kept in each event")
     rollback_skip_batches: int = Field(200, ge=0, description="batches skipped after a rollback")
     max_rollbacks: int = Field(3, ge=0, description="rollbacks before the run stops")

@@ -15,8 +15,9 @@ the relative growth per step of the output-layer norm (`output_norm_growth`, fro
 
 Only then is it one `slingshot` detection (at the settling step), carrying the cycle's steps and
 values. Growth with no spike, or a spike with no growth, is not a slingshot; the episode is
-dropped once its window runs out. Readings during an episode stay out of the rolling windows, so
-the cycle never becomes its own baseline.
+dropped once its window runs out, and its readings (quiet after all) join the rolling windows
+then. Readings of a cycle never do, and the `window` readings after a detection (the plateau)
+are neither judged nor added: a still norm would make ordinary growth look "far above" it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class SlingshotDetector:
         self._growth: deque[float] = deque(maxlen=window)
         self._loss: deque[float] = deque(maxlen=window)
         self._episode: dict[str, Any] | None = None
+        self._cooldown = 0
 
     @classmethod
     def from_config(cls, cfg: DivergenceConfig) -> SlingshotDetector:
@@ -71,6 +73,9 @@ class SlingshotDetector:
     def update(self, step: int, growth: float | None, loss: float | None) -> Detection | None:
         """Judge one log-step reading; a Detection when a whole cycle has been seen."""
         if growth is None or loss is None or not (math.isfinite(growth) and math.isfinite(loss)):
+            return None
+        if self._cooldown > 0:
+            self._cooldown -= 1
             return None
         if self._episode is None:
             self._maybe_start(step, growth, loss)
@@ -97,6 +102,7 @@ class SlingshotDetector:
                     "spike_step": None,
                     "spike_loss": None,
                     "since_spike": 0,
+                    "readings_seen": [[growth, loss]],
                 }
                 return
         self._growth.append(abs(growth))
@@ -106,18 +112,22 @@ class SlingshotDetector:
         e = self._episode
         assert e is not None
         e["readings"] += 1
+        e["readings_seen"].append([growth, loss])
         if growth > e["peak_growth"]:
             e["peak_growth"], e["peak_step"] = growth, step
         if e["spike_step"] is None:
             z = (loss - e["loss_median"]) / e["loss_scale"]
             if z > self.spike_sigma:
                 e["spike_step"], e["spike_loss"], e["spike_z"] = step, loss, z
-            elif e["readings"] > self.window:
-                self._episode = None  # growth without a spike: not a slingshot
+            elif e["readings"] > self.window:  # growth without a spike: not a slingshot
+                self._episode = None
+                for quiet_growth, quiet_loss in e["readings_seen"]:
+                    self._growth.append(abs(quiet_growth))
+                    self._loss.append(quiet_loss)
             return None
         e["since_spike"] += 1
         if abs(growth) <= self.settle * e["peak_growth"]:
-            self._episode = None
+            self._episode, self._cooldown = None, self.window
             return self._detection(step, growth, e)
         if e["since_spike"] > self.window:
             self._episode = None  # the norm never settled: not this cycle
@@ -158,6 +168,7 @@ class SlingshotDetector:
             "growth": list(self._growth),
             "loss": list(self._loss),
             "episode": None if self._episode is None else dict(self._episode),
+            "cooldown": self._cooldown,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -165,3 +176,4 @@ class SlingshotDetector:
         self._growth = deque((float(v) for v in state["growth"]), maxlen=self.window)
         self._loss = deque((float(v) for v in state["loss"]), maxlen=self.window)
         self._episode = None if state["episode"] is None else dict(state["episode"])
+        self._cooldown = int(state["cooldown"])

@@ -8,7 +8,7 @@ A small GPT trains with plain torch Adam (no DeepSpeed: one process, full batch,
 varies), no weight decay, no clipping, constant lr, on the first `--sequences` windows of the
 built-in compact corpus with their ids renumbered densely (a few hundred distinct tokens, so the
 output layer stays small). Every `--every` steps S and lambda_max(H) are measured with the same
-functions the harness records (`hessian_vector_product`, `lanczos_max`, `preconditioner`).
+functions the harness records (`monitor.sharpness.top_eigenvalues`, `preconditioner`).
 Writes `aeos.json` (every measurement), `aeos.png` and a printed table.
 """
 
@@ -27,12 +27,7 @@ import torch
 from data.builtin import prepare_builtin_compact
 from model import GPT
 from model.config import ModelConfig
-from monitor.sharpness import (
-    hessian_vector_product,
-    lanczos_max,
-    preconditioner,
-    stability_threshold,
-)
+from monitor.sharpness import preconditioner, stability_threshold, top_eigenvalues
 
 REPO = Path(__file__).resolve().parents[1]
 BETAS = (0.9, 0.999)
@@ -66,24 +61,17 @@ def train(lr: float, args: argparse.Namespace) -> dict[str, Any]:
     optimizer = torch.optim.Adam(params, lr=lr, betas=BETAS, eps=EPS)
     batches = [(x, y)]
     losses, measurements = [], []
-    dim = sum(p.numel() for p in params)
     for step in range(args.steps + 1):
         if step % args.every == 0 and step > 0:
             v = torch.cat([optimizer.state[p]["exp_avg_sq"].reshape(-1) for p in params])
             inv_sqrt_p = preconditioner(v, step, BETAS, EPS).rsqrt()
-
-            def precond(vec: torch.Tensor) -> torch.Tensor:
-                return inv_sqrt_p * hessian_vector_product(model, params, batches, inv_sqrt_p * vec)
-
-            def hvp(vec: torch.Tensor) -> torch.Tensor:
-                return hessian_vector_product(model, params, batches, vec)
-
-            s, _ = lanczos_max(precond, dim, args.iters, seed=step)
-            h, _ = lanczos_max(hvp, dim, args.iters, seed=step)
+            s, h, _ = top_eigenvalues(model, params, batches, inv_sqrt_p, args.iters, step)
             measurements.append({"step": step, "sharpness": s, "hessian_max_eig": h})
-            print(f"lr {lr:g} step {step}: loss {losses[-1]:.4f} S {s:.5g} "
-                  f"(38/lr {stability_threshold(BETAS[0], lr):.5g}) lambda_max(H) {h:.4g}",
-                  flush=True)
+            print(
+                f"lr {lr:g} step {step}: loss {losses[-1]:.4f} S {s:.5g} "
+                f"(38/lr {stability_threshold(BETAS[0], lr):.5g}) lambda_max(H) {h:.4g}",
+                flush=True,
+            )
         if step == args.steps:
             break
         optimizer.zero_grad(set_to_none=True)
@@ -96,7 +84,7 @@ def train(lr: float, args: argparse.Namespace) -> dict[str, Any]:
         "threshold": stability_threshold(BETAS[0], lr),
         "losses": losses,
         "measurements": measurements,
-        "num_params": dim,
+        "num_params": sum(p.numel() for p in params),
         "vocab": vocab,
     }
 

@@ -1,13 +1,14 @@
-"""Adam's preconditioned sharpness (Cohen et al. 2022, "Adaptive gradient methods at the edge of
-stability"), measured every `telemetry.sharpness_interval` steps on a fixed batch.
+"""Adam's preconditioned sharpness (Cohen et al. 2022, "Adaptive gradient methods at the edge
+of stability"), measured every `telemetry.sharpness_interval` steps on a fixed batch.
 
 Adam is preconditioned momentum: theta <- theta - lr_t P_t^-1 m_t with
 P_t = (1 - beta1^t) diag(sqrt(v_t / (1 - beta2^t)) + eps), which is torch's m_hat / (sqrt(v_hat) +
 eps) with m's bias correction folded into P. With P frozen, the update is stable along the top
-eigenvector of P^-1 H while S = lambda_max(P^-1 H) < (2 + 2 beta1) / ((1 - beta1) lr_t) (38 / lr_t at
-beta1 = 0.9); full-batch Adam drives S up to that line and keeps it there (the "adaptive edge of
-stability"). P^-1 H has the spectrum of the symmetric P^-1/2 H P^-1/2, and only the symmetric form
-may be handed to Lanczos: Lanczos on P^-1 H itself computes a different, meaningless number.
+eigenvector of P^-1 H while S = lambda_max(P^-1 H) < (2 + 2 beta1) / ((1 - beta1) lr_t)
+(38 / lr_t at beta1 = 0.9); full-batch Adam drives S up to that line and keeps it there (the
+"adaptive edge of stability"). P^-1 H has the spectrum of the symmetric P^-1/2 H P^-1/2, and only
+the symmetric form may be handed to Lanczos: Lanczos on P^-1 H itself computes a different,
+meaningless number.
 
 How it is measured, and why:
 - Hessian-vector products by double backward on a separate fp32 copy of the model, refreshed from
@@ -114,6 +115,33 @@ def lanczos_max(
     return theta, len(alphas)
 
 
+def top_eigenvalues(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    batches: Sequence[Batch],
+    inv_sqrt_p: torch.Tensor,
+    max_iters: int,
+    seed: int,
+    l2_diag: torch.Tensor | None = None,
+) -> tuple[float, float, int]:
+    """(S, lambda_max(H), products used): S = lambda_max(P^-1/2 (H + diag(l2_diag)) P^-1/2),
+    with `inv_sqrt_p` = P^-1/2 flat; `l2_diag` is Adam+L2's curvature (wd on decayed weights)."""
+    dim = inv_sqrt_p.numel()
+
+    def hvp(vec: torch.Tensor) -> torch.Tensor:
+        return hessian_vector_product(model, params, batches, vec)
+
+    def preconditioned(vec: torch.Tensor) -> torch.Tensor:
+        x = inv_sqrt_p * vec
+        hx = hvp(x) if l2_diag is None else hvp(x) + l2_diag * x
+        return inv_sqrt_p * hx
+
+    device = inv_sqrt_p.device
+    sharpness, used_s = lanczos_max(preconditioned, dim, max_iters, device, seed)
+    hessian_max, used_h = lanczos_max(hvp, dim, max_iters, device, seed)
+    return sharpness, hessian_max, used_s + used_h
+
+
 def _tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> np.ndarray:
     return np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
 
@@ -163,13 +191,11 @@ def link_optimizer_state(zero_optimizer: Any) -> None:
     if lp_groups is None or hp_groups is None:
         return  # ZeRO 0 (torch's own state) or ZeRO 3 (its accessor reads the state directly)
     for lp_params, hp_partition in zip(lp_groups, hp_groups, strict=True):
-        lazy_init_hp_params_optimizer_state(
-            lp_params, hp_partition, zero_optimizer.optimizer.state
-        )
+        lazy_init_hp_params_optimizer_state(lp_params, hp_partition, zero_optimizer.optimizer.state)
 
 
 def read_full_param(param: nn.Parameter) -> torch.Tensor:
-    """A parameter's full fp32 value: gathered from the ZeRO-3 shards (collective), else its data."""
+    """A parameter's full fp32 value: gathered from ZeRO-3 shards (collective), else its data."""
     if hasattr(param, "ds_id"):
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -253,7 +279,7 @@ class SharpnessProbe:
         l2 = o.weight_decay if o.name == "adam_l2" else 0.0
         return self.measure(lr, decay, l2)
 
-    def _refresh(self) -> tuple[list[nn.Parameter], torch.Tensor, torch.Tensor]:
+    def _refresh(self, num_steps: int) -> tuple[list[nn.Parameter], torch.Tensor, torch.Tensor]:
         """Copy the current weights into the fp32 copy; (its params, P^-1/2 flat, decay mask)."""
         if self._copy is None:
             with torch.random.fork_rng(devices=[]):  # its init must not move the run's RNG
@@ -261,7 +287,6 @@ class SharpnessProbe:
         own = dict(self._copy.named_parameters())
         scales, mask = [], []
         o = self.cfg.optim
-        num_steps = adam_steps_taken(self.optimizer, self.device)
         link_optimizer_state(self.zero_optimizer)
         for name, param in self.module.named_parameters():  # same order on every rank
             target = own[name]
@@ -277,23 +302,20 @@ class SharpnessProbe:
         """S = lambda_max(P^-1/2 (H + l2 D) P^-1/2) (D: the decay group), lambda_max(H), the
         threshold for `lr` and per-step decoupled shrink `decay_per_step`, and their ratio."""
         start = time.perf_counter()
-        if adam_steps_taken(self.optimizer, self.device) == 0:
+        num_steps = adam_steps_taken(self.optimizer, self.device)
+        if num_steps == 0:
             return {}  # no second moment yet: P is undefined
-        params, inv_sqrt_p, decay_mask = self._refresh()
+        params, inv_sqrt_p, decay_mask = self._refresh(num_steps)
         assert self._copy is not None
-        dim = inv_sqrt_p.numel()
-        iters = self.cfg.telemetry.sharpness_iters
-        seed = self.cfg.run.seed
-
-        def hvp(vec: torch.Tensor) -> torch.Tensor:
-            return hessian_vector_product(self._copy, params, self._batches, vec)
-
-        def preconditioned(vec: torch.Tensor) -> torch.Tensor:
-            x = inv_sqrt_p * vec
-            return inv_sqrt_p * (hvp(x) + l2 * decay_mask * x)
-
-        sharpness, n_s = lanczos_max(preconditioned, dim, iters, self.device, seed)
-        hessian_max, n_h = lanczos_max(hvp, dim, iters, self.device, seed)
+        sharpness, hessian_max, hvps = top_eigenvalues(
+            self._copy,
+            params,
+            self._batches,
+            inv_sqrt_p,
+            self.cfg.telemetry.sharpness_iters,
+            self.cfg.run.seed,
+            l2 * decay_mask if l2 else None,
+        )
         threshold = stability_threshold(self.cfg.optim.betas[0], lr, decay_per_step)
         return {
             "sharpness": sharpness,
@@ -301,6 +323,6 @@ class SharpnessProbe:
             "sharpness_ratio": sharpness / threshold,
             "hessian_max_eig": hessian_max,
             "sharpness_batch": self.cfg.telemetry.sharpness_batch_size,
-            "sharpness_hvps": n_s + n_h,
+            "sharpness_hvps": hvps,
             "sharpness_time_s": time.perf_counter() - start,
         }

@@ -61,7 +61,7 @@ class SlingshotDetector:
 
     @classmethod
     def from_config(cls, cfg: DivergenceConfig) -> SlingshotDetector:
-        """The detector `cfg` describes; the loss spike uses the spike detector's sigma and floor."""
+        """The detector `cfg` describes; the loss spike takes the spike detector's sigma, floor."""
         return cls(
             cfg.slingshot_growth_factor,
             cfg.slingshot_window,

@@ -50,7 +50,7 @@ def dense_hessian(model, params, batches) -> torch.Tensor:
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in params]
     sizes = [p.numel() for p in params]
-    (x, y), = batches
+    ((x, y),) = batches
 
     def loss(flat: torch.Tensor) -> torch.Tensor:
         chunks = [c.view(s) for c, s in zip(flat.split(sizes), shapes, strict=True)]

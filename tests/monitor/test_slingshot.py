@@ -34,8 +34,8 @@ def trace(num: int, cycles: list[int], seed: int = 0):
 def found(growth, loss, detector=None):
     detector = detector or SlingshotDetector.from_config(CFG)
     hits = []
-    for i, (g, l) in enumerate(zip(growth, loss, strict=True)):
-        detection = detector.update(10 * i, float(g), float(l))
+    for i, (g, value) in enumerate(zip(growth, loss, strict=True)):
+        detection = detector.update(10 * i, float(g), float(value))
         if detection is not None:
             hits.append(detection)
     return hits

@@ -311,7 +311,9 @@ def test_sharpness_and_output_layer_plots(tmp_path: Path) -> None:
         config = {**BASE_CONFIG, "optim": {**BASE_CONFIG["optim"], "lr": lr}}
         write_run(tmp_path / "runs", name, config, lines, events=[detection])
     out = tmp_path / "out"
-    assert main([str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b"), "--out", str(out)]) == 0
+    assert (
+        main([str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b"), "--out", str(out)]) == 0
+    )
     text = (out / "summary.md").read_text()
     for name in ("sharpness", "output_layer"):
         path = out / f"{name}.png"

@@ -20,6 +20,7 @@ from monitor.sharpness import (
     lanczos_max,
     preconditioner,
     stability_threshold,
+    top_eigenvalues,
 )
 from optim.schedule import lr_at
 from tests.helpers import tiny_overrides
@@ -201,3 +202,19 @@ def test_sharpness_is_the_same_on_every_zero_stage_and_world_size(tmp_path):
                     step,
                     field,
                 )
+
+
+def test_top_eigenvalues_with_adam_l2_curvature(problem):
+    """Adam+L2 preconditions H + wd on the decayed weights: S moves, lambda_max(H) does not."""
+    model, params, batches, v, H = problem
+    P = preconditioner(v, 3, (0.9, 0.999), 1e-8).double()
+    inv_sqrt_p = P.rsqrt()
+    decayed = torch.cat([torch.full((p.numel(),), float(p.dim() >= 2)) for p in params])
+    l2 = 0.5 * decayed.double()
+    reference = torch.linalg.eigvalsh(inv_sqrt_p[:, None] * (H + torch.diag(l2)) * inv_sqrt_p)[-1]
+    plain = torch.linalg.eigvalsh(inv_sqrt_p[:, None] * H * inv_sqrt_p[None, :])[-1]
+    assert abs(reference - plain) > 1e-2 * plain  # the test can tell the two apart
+    s, h, used = top_eigenvalues(model, params, batches, inv_sqrt_p.float(), 200, 0, l2.float())
+    assert s == pytest.approx(reference.item(), rel=2e-3)
+    assert h == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=2e-3)
+    assert 2 < used < 400

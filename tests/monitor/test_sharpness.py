@@ -218,3 +218,30 @@ def test_top_eigenvalues_with_adam_l2_curvature(problem):
     assert s == pytest.approx(reference.item(), rel=2e-3)
     assert h == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=2e-3)
     assert 2 < used < 400
+
+
+def test_probe_is_off_between_intervals_and_refuses_an_uneven_batch(dist_env, corpus):
+    """`read` measures only at multiples of the interval; a batch the ranks cannot share evenly
+    is a config error naming the key."""
+    from configs import ConfigError
+    from monitor.sharpness import SharpnessProbe
+    from optim.engine import initialize
+
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            **{
+                "model.vocab_size": 256,
+                "data.dataset": corpus,
+                "telemetry.sharpness_interval": 4,
+                "telemetry.sharpness_batch_size": 4,
+            }
+        ),
+    )
+    engine, _ = initialize(GPT(cfg.model), cfg, 1, dist_env.device)
+    probe = SharpnessProbe(cfg, engine, corpus / "train.bin", 0, 1, dist_env.device)
+    assert [probe.due(step) for step in (1, 3, 4, 8)] == [False, False, True, True]
+    assert probe.read(3) == {}
+    assert probe.read(4) == {}  # no Adam step taken yet: P does not exist
+    with pytest.raises(ConfigError, match="telemetry.sharpness_batch_size=4 must be a multiple"):
+        SharpnessProbe(cfg, engine, corpus / "train.bin", 0, 3, dist_env.device)

@@ -124,9 +124,9 @@ class GPTOutput:
         loss: scalar mean cross-entropy (+ z-loss when configured); None without targets.
         log_z: detached scalar, mean over positions (with targets) of logsumexp(logits); None
             unless telemetry asked for it.
-        softmax_collapse: detached fp32 (2,), with telemetry and targets: the fraction of
-            positions whose top probability is 1.0, and the mean zero-sum residual of the
-            logits' gradient (see `GPT._softmax_collapse`).
+        softmax_collapse: detached fp32 (2,), with telemetry and targets: over the first
+            sequence, the fraction of positions whose top probability is 1.0 and the mean
+            zero-sum residual of the logits' gradient (see `GPT._softmax_collapse`).
         attn_logit_max: detached fp32 (n_layer,), per layer max |q.k/sqrt(hs)| over the causal
             scores; None unless telemetry.
     """
@@ -239,20 +239,24 @@ class GPT(nn.Module):
     @staticmethod
     @torch.no_grad()
     def _softmax_collapse(logits_f: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(fraction of positions whose top probability is exactly 1, mean zero-sum residual),
-        in fp32, the dtype the loss and its gradient are computed in.
+        """(fraction of positions whose top probability is exactly 1, mean zero-sum residual)
+        over the first sequence, in fp32, the dtype the loss and its gradient are computed in.
 
         The cross-entropy gradient on the logits, softmax - onehot, sums to zero over the
         vocabulary; once the target's probability rounds to 1 (softmax collapse) it no longer
-        does, and |sum_v g_v| / sum_v |g_v| rises from ~0 towards 1.
+        does, and |sum_v g_v| / sum_v |g_v| rises from ~0 towards 1. One sequence is a sample
+        that keeps this at a few passes over T x V values, not B x T x V.
         """
-        probs = torch.softmax(logits_f, dim=-1)  # (B, T, V)
-        valid = targets != -1  # (B, T)
-        saturated = (probs.amax(dim=-1) == 1.0).float()  # (B, T)
-        index = targets.clamp(min=0).unsqueeze(-1)  # (B, T, 1)
-        grad = probs.scatter_add(-1, index, -torch.ones_like(index, dtype=probs.dtype))
-        residual = grad.sum(dim=-1).abs() / grad.abs().sum(dim=-1).clamp_min(1e-30)  # (B, T)
-        count = valid.sum()
+        probs = torch.softmax(logits_f[:1], dim=-1)  # (1, T, V)
+        index = targets[:1].clamp(min=0).unsqueeze(-1)  # (1, T, 1)
+        valid = targets[:1] != -1  # (1, T)
+        saturated = (probs.amax(dim=-1) == 1.0).float()  # (1, T)
+        target_prob = probs.gather(-1, index).squeeze(-1)  # (1, T)
+        # the other classes' mass, summed without the ~1 of the target that would absorb it
+        others = probs.scatter_(-1, index, 0.0).sum(dim=-1)  # (1, T)
+        missing = 1 - target_prob  # |the target's gradient|
+        residual = (others - missing).abs() / (others + missing).clamp_min(1e-30)  # (1, T)
+        count = valid.sum().clamp_min(1)
         return torch.stack(
             [
                 torch.where(valid, saturated, 0.0).sum() / count,

@@ -108,11 +108,16 @@ def test_softmax_collapse_readings():
     saturated, residual = GPT._softmax_collapse(logits, y).tolist()
     assert saturated == 1.0
     assert residual == pytest.approx(1.0)
-    # a target ignored (-1) does not count
+    # a target ignored (-1) does not count; only the first sequence is read
     y_masked = y.clone()
-    y_masked[0] = -1
-    saturated, _ = GPT._softmax_collapse(logits, y_masked).tolist()
-    assert saturated == 1.0
+    y_masked[0, :2] = -1
+    logits[0, :2] = 0.0
+    logits[1] = 0.0
+    saturated, residual = GPT._softmax_collapse(logits, y_masked).tolist()
+    assert saturated == 1.0 and residual == pytest.approx(1.0)
+    logits[0, 3] = 0.0  # one of the two counted positions is uniform again
+    saturated, residual = GPT._softmax_collapse(logits, y_masked).tolist()
+    assert saturated == 0.5 and residual == pytest.approx(0.5, abs=1e-6)
 
 
 def test_a_real_run_records_the_signals(tmp_path, corpus, dist_env, one_thread):

@@ -37,6 +37,7 @@ from monitor.divergence import DivergenceWatch
 from monitor.perf import Throughput
 from monitor.policy import Action
 from monitor.run_record import RunRecord, is_complete, read_summary
+from monitor.sharpness import SharpnessProbe
 from monitor.telemetry import Telemetry
 from optim.adam_lr import adam_effective_lr
 from optim.engine import StepScalars, UpdateGate, initialize, set_lr
@@ -140,6 +141,9 @@ def train_run(
     gate = UpdateGate(engine, optimizer, cfg, veto=watch.veto)
     t = cfg.telemetry
     telemetry = Telemetry(engine.module, cfg.optim.grad_clip, t.enabled, t.interval, t.per_layer)
+    sharpness = SharpnessProbe(
+        cfg, engine, data_dir / "train.bin", env.rank, env.world_size, env.device
+    )
     preemption = PreemptionFlag().install()
     step, tokens = 0, 0
 
@@ -228,6 +232,7 @@ def train_run(
             line = metrics_line(step, tokens, lr, scalars, telemetry_fields)
             line["adam_eff_lr"] = adam_effective_lr(optimizer)  # the paper's Adam effective LR
             line.update(form_metrics(optimizer))
+            line.update(sharpness.read(step))  # {} unless a sharpness step
             line.update(meter.read(step))
             watch.observe_telemetry(step, line)
             record.metrics(line)

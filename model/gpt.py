@@ -124,6 +124,9 @@ class GPTOutput:
         loss: scalar mean cross-entropy (+ z-loss when configured); None without targets.
         log_z: detached scalar, mean over positions (with targets) of logsumexp(logits); None
             unless telemetry asked for it.
+        softmax_collapse: detached fp32 (2,), with telemetry and targets: over the first
+            sequence, the fraction of positions whose top probability is 1.0 and the mean
+            zero-sum residual of the logits' gradient (see `GPT._softmax_collapse`).
         attn_logit_max: detached fp32 (n_layer,), per layer max |q.k/sqrt(hs)| over the causal
             scores; None unless telemetry.
     """
@@ -131,6 +134,7 @@ class GPTOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     log_z: torch.Tensor | None = None
+    softmax_collapse: torch.Tensor | None = None
     attn_logit_max: torch.Tensor | None = None
 
 
@@ -219,6 +223,8 @@ class GPT(nn.Module):
         log_z = torch.logsumexp(logits_f, dim=-1) if per_position else None  # (B, T)
         if targets is not None:
             out.loss = self._loss(logits_f, targets, log_z)
+        if telemetry and targets is not None:
+            out.softmax_collapse = self._softmax_collapse(logits_f, targets)
         if telemetry and log_z is not None:
             out.log_z = log_z.mean().detach()
         elif telemetry:
@@ -229,6 +235,34 @@ class GPT(nn.Module):
             mean_target = torch.where(valid, target_logit, 0.0).sum() / valid.sum()
             out.log_z = (out.loss + mean_target).detach()
         return out
+
+    @staticmethod
+    @torch.no_grad()
+    def _softmax_collapse(logits_f: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(fraction of positions whose top probability is exactly 1, mean zero-sum residual)
+        over the first sequence, in fp32, the dtype the loss and its gradient are computed in.
+
+        The cross-entropy gradient on the logits, softmax - onehot, sums to zero over the
+        vocabulary; once the target's probability rounds to 1 (softmax collapse) it no longer
+        does, and |sum_v g_v| / sum_v |g_v| rises from ~0 towards 1. One sequence is a sample
+        that keeps this at a few passes over T x V values, not B x T x V.
+        """
+        probs = torch.softmax(logits_f[:1], dim=-1)  # (1, T, V)
+        index = targets[:1].clamp(min=0).unsqueeze(-1)  # (1, T, 1)
+        valid = targets[:1] != -1  # (1, T)
+        saturated = (probs.amax(dim=-1) == 1.0).float()  # (1, T)
+        target_prob = probs.gather(-1, index).squeeze(-1)  # (1, T)
+        # the other classes' mass, summed without the ~1 of the target that would absorb it
+        others = probs.scatter_(-1, index, 0.0).sum(dim=-1)  # (1, T)
+        missing = 1 - target_prob  # |the target's gradient|
+        residual = (others - missing).abs() / (others + missing).clamp_min(1e-30)  # (1, T)
+        count = valid.sum().clamp_min(1)
+        return torch.stack(
+            [
+                torch.where(valid, saturated, 0.0).sum() / count,
+                torch.where(valid, residual, 0.0).sum() / count,
+            ]
+        )
 
     def _loss(
         self, logits_f: torch.Tensor, targets: torch.Tensor, log_z: torch.Tensor | None

@@ -9,6 +9,10 @@ change the model or batch) whose steps alternate between these settings:
     nologit  `on` without the logit telemetry forward, to show what that forward costs;
     detect   every detector on, not a log step: what most steps of a run are.
 A run's figure weighs them as a run does: `detect` on all steps but each log_interval-th (`on`).
+After the alternating steps, `--sharpness-reps` measurements of Adam's preconditioned sharpness
+(`monitor.sharpness`, on `telemetry.sharpness_batch_size` sequences) are timed on the same
+model; their cost is given in training steps (`off`) and per step of a run measuring every
+`--sharpness-interval` steps (`telemetry.sharpness_interval` is 0, off, by default).
 Every step runs what the training loop runs around `train.train_step` (lr, update gate with its
 one host read of loss and grad norm, summary.json); a log step adds the loop's log-step body.
 The settings alternate step by step in ABBA order, so drift in the machine's speed (other
@@ -37,6 +41,7 @@ from model import GPT
 from monitor.divergence import DivergenceWatch
 from monitor.perf import Throughput
 from monitor.run_record import RunRecord
+from monitor.sharpness import SharpnessProbe
 from monitor.telemetry import Telemetry
 from optim.engine import UpdateGate, initialize, set_lr
 from optim.schedule import lr_at
@@ -63,6 +68,7 @@ def bench_config(out_dir: Path, overrides: Sequence[str]) -> TrainConfig:
         "wandb.mode": "disabled",
         "run.out_dir": out_dir,
         "run.name": "monitor-bench",
+        "telemetry.sharpness_interval": 1,  # the probe reads its batch; steps never call it
     }
     return load_config(None, [f"{k}={v}" for k, v in values.items()] + list(overrides))
 
@@ -91,6 +97,7 @@ def build_steps(cfg: TrainConfig) -> tuple[dict[str, Callable[[], None]], Callab
     gate = UpdateGate(engine, optimizer, cfg, veto=watch.veto)
     telemetry = Telemetry(engine.module, cfg.optim.grad_clip, logits=True, interval=0)
     meter = Throughput(tokens_per_step, flops_per_token, env, start_step=0)
+    probe = SharpnessProbe(cfg, engine, resolve_dataset(cfg.data) / "train.bin", 0, 1, env.device)
     step = 0
 
     def one_step(detectors: bool, log_step: bool, logits: bool) -> None:
@@ -116,6 +123,7 @@ def build_steps(cfg: TrainConfig) -> tuple[dict[str, Callable[[], None]], Callab
         "off": lambda: one_step(detectors=False, log_step=False, logits=False),
         "nologit": lambda: one_step(detectors=True, log_step=True, logits=False),
         "detect": lambda: one_step(detectors=True, log_step=False, logits=False),
+        "sharpness": lambda: probe.read(step),  # not a step: timed on its own
     }
     return steps, record.close
 
@@ -126,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=200, help="timed steps of each setting")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps of each first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--sharpness-reps", type=int, default=3, help="timed sharpness measurements"
+    )
+    parser.add_argument(
+        "--sharpness-interval", type=int, default=1000, help="interval its run figure assumes"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -146,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 steps[setting]()
                 wall[setting].append(time.perf_counter() - start_wall)
                 cpu[setting].append(time.process_time() - start_cpu)
+        sharpness_ms, sharpness_cpu_ms, hvps = [], [], []
+        for _ in range(args.sharpness_reps):
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            hvps.append(steps["sharpness"]()["sharpness_hvps"])
+            sharpness_ms.append(1000 * (time.perf_counter() - start_wall))
+            sharpness_cpu_ms.append(1000 * (time.process_time() - start_cpu))
         close()
 
     m = cfg.model
@@ -176,6 +196,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         f"  a run at the default log_interval={interval} / off: "
         f"{100 * figures['overhead_run']:+.1f}% per step"
     )
+    if sharpness_ms:
+        figures["sharpness_ms"] = statistics.median(sharpness_ms)
+        figures["sharpness_cpu_ms"] = statistics.median(sharpness_cpu_ms)
+        figures["sharpness_steps"] = figures["sharpness_ms"] / figures["off_ms"]
+        cpu_steps = figures["sharpness_cpu_ms"] / figures["off_cpu_ms"]
+        figures["overhead_sharpness"] = figures["sharpness_steps"] / args.sharpness_interval
+        print(
+            f"  sharpness: {figures['sharpness_ms']:.0f} ms per measurement (median of "
+            f"{len(sharpness_ms)}; CPU {figures['sharpness_cpu_ms']:.0f} ms; "
+            f"{statistics.median(hvps):.0f} Hessian-vector products on "
+            f"{cfg.telemetry.sharpness_batch_size} sequences) = "
+            f"{figures['sharpness_steps']:.1f} training steps (CPU time: {cpu_steps:.1f}); every "
+            f"{args.sharpness_interval} steps: {100 * figures['overhead_sharpness']:+.1f}% per step"
+        )
     return figures
 
 

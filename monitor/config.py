@@ -32,6 +32,22 @@ class DivergenceConfig(Section):
         10.0, gt=1.0, description="growth factor of max attention logit between two readings"
     )
     output_log_z_max: float = Field(50.0, gt=0.0, description="|mean log Z| threshold")
+    slingshot_growth_factor: float = Field(
+        10.0,
+        gt=1.0,
+        description="slingshot: output-norm growth over its rolling median that starts a cycle",
+    )
+    slingshot_window: int = Field(
+        20,
+        ge=4,
+        description="slingshot: log readings in the rolling median and each phase's deadline",
+    )
+    slingshot_settle: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="slingshot: growth back below this share of its peak ends the cycle",
+    )
     evidence_steps: int = Field(32, ge=1, description="steps of telemetry kept in each event")
     rollback_skip_batches: int = Field(200, ge=0, description="batches skipped after a rollback")
     max_rollbacks: int = Field(3, ge=0, description="rollbacks before the run stops")
@@ -48,6 +64,18 @@ class TelemetryConfig(Section):
     enabled: bool = Field(True, description="attention-logit and log Z telemetry on log steps")
     per_layer: bool = Field(
         False, description="also norms and update ratios per transformer block (replays set it)"
+    )
+    sharpness_interval: int = Field(
+        0,
+        ge=0,
+        description="preconditioned sharpness of Adam on log steps that are multiples of this; "
+        "0 off",
+    )
+    sharpness_batch_size: int = Field(
+        8, ge=1, description="sequences in the fixed sharpness batch (the run's first ones)"
+    )
+    sharpness_iters: int = Field(
+        20, ge=2, description="most Lanczos iterations (Hessian-vector products) per eigenvalue"
     )
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 if TYPE_CHECKING:
     from monitor.config import DivergenceConfig
 
-DetectionKind = Literal["nonfinite", "spike", "drift", "attn_logit", "output_logit"]
+DetectionKind = Literal["nonfinite", "spike", "drift", "attn_logit", "output_logit", "slingshot"]
 
 # The robust std of a normal sample is 1.4826 x its median absolute deviation.
 MAD_TO_STD = 1.4826
@@ -69,7 +69,8 @@ def _optional_float(value: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class Detection:
-    """One alarming reading: what fired, where, and the value against the bar it crossed."""
+    """One alarming reading: what fired, where, and the value against the bar it crossed;
+    `facts`, when a detection spans several readings (a slingshot cycle), their steps and values."""
 
     kind: DetectionKind
     step: int
@@ -77,6 +78,7 @@ class Detection:
     value: float
     threshold: float
     detail: str
+    facts: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(DetectionKind):
@@ -84,7 +86,7 @@ class Detection:
 
     def to_event(self) -> dict[str, Any]:
         """The events.jsonl fields of this detection (the sink adds `time`); strict JSON."""
-        return {
+        event = {
             "step": int(self.step),
             "kind": self.kind,
             "metric": self.metric,
@@ -92,6 +94,9 @@ class Detection:
             "threshold": json_number(self.threshold),
             "detail": self.detail,
         }
+        if self.facts is not None:
+            event["facts"] = json_safe(dict(self.facts))
+        return event
 
 
 class NonFiniteDetector:

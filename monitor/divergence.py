@@ -15,6 +15,7 @@ from typing import Any
 from monitor.config import DivergenceConfig
 from monitor.detectors import Detection, DivergenceDetectors, EvidenceBuffer
 from monitor.policy import Action, DivergencePolicy
+from monitor.slingshot import SlingshotDetector
 
 
 class DivergenceWatch:
@@ -22,6 +23,7 @@ class DivergenceWatch:
 
     def __init__(self, cfg: DivergenceConfig, emit: Callable[[dict[str, Any]], None]):
         self.detectors = DivergenceDetectors.from_config(cfg)
+        self.slingshot = SlingshotDetector.from_config(cfg)
         self.policy = DivergencePolicy.from_config(cfg)
         self.evidence = EvidenceBuffer(cfg.evidence_steps)
         self.emit = emit
@@ -54,7 +56,8 @@ class DivergenceWatch:
         detections = self.detectors.update_telemetry(
             step, line.get("attn_logit_max/layers"), line.get("log_z")
         )
-        self._act(detections)
+        slingshot = self.slingshot.update(step, line.get("output_norm_growth"), line.get("loss"))
+        self._act(detections + ([slingshot] if slingshot else []))
 
     def _close(self) -> None:
         """Move the held step's record into the evidence buffer."""
@@ -98,6 +101,7 @@ class DivergenceWatch:
         self._close()  # a checkpoint comes after the step's telemetry: the record is complete
         return {
             "detectors": self.detectors.state_dict(),
+            "slingshot": self.slingshot.state_dict(),
             "policy": self.policy.state_dict(),
             "evidence": self.evidence.state_dict(),
             "count": self.count,
@@ -108,6 +112,8 @@ class DivergenceWatch:
         """Restore the detectors' windows; after a rollback (`keep_counts`) the policy's rollback
         count and the detection counters stay live, so `max_rollbacks` is reached."""
         self.detectors.load_state_dict(state["detectors"])
+        if "slingshot" in state:  # checkpoints from before the slingshot watch have none
+            self.slingshot.load_state_dict(state["slingshot"])
         self.evidence.load_state_dict(state["evidence"])
         self._open = None
         if keep_counts:

@@ -1,6 +1,8 @@
 """Weight-decay telemetry, read on log steps only: norms by group and layer type (and, with
 `per_layer`, by transformer block), effective LR, update-to-weight ratio, clipping,
-attention-logit and log Z readings.
+attention-logit and log Z readings; for the slingshot watch, the output layer's norm
+(`param_norm/output`, the tied wte/lm_head matrix), its growth per step, and the softmax-collapse
+readings of the logits (`softmax_saturated`, `zero_sum_residual`).
 
 Under ZeRO 3 a parameter's data lives in per-rank shards (`ds_tensor`); squares are summed over
 the shards and all-reduced, so every stage reports the same norms.
@@ -39,6 +41,15 @@ def _decay_names(model: nn.Module) -> set[str]:
     }
 
 
+def _output_name(model: nn.Module) -> str | None:
+    """The name under which the output layer's weight (lm_head, tied to wte) is listed."""
+    head = getattr(model, "lm_head", None)
+    for name, param in model.named_parameters():
+        if head is not None and param is head.weight:
+            return name
+    return None
+
+
 _BLOCK = re.compile(r"(?:^|\.)h\.(\d+)\.")
 
 
@@ -67,6 +78,8 @@ class Telemetry:
         self.per_layer = per_layer
         self.grad_clip = grad_clip
         self.decay_names = _decay_names(model)
+        self.output_name = _output_name(model)
+        self._output_norm: float | None = None  # at the previous reading, for its growth rate
         self._before: dict[str, torch.Tensor] | None = None
         self.steps = 0
         self.clipped = 0
@@ -89,6 +102,8 @@ class Telemetry:
     def _buckets(self, name: str) -> tuple[str, ...]:
         """The norm buckets of a parameter: its decay group, its layer type, maybe its block."""
         buckets = ("decay" if name in self.decay_names else "no_decay"), layer_type(name)
+        if name == self.output_name:  # the slingshot watch's norm
+            buckets = (*buckets, "output")
         block = _BLOCK.search(name) if self.per_layer else None
         return buckets if block is None else (*buckets, f"layer{block.group(1)}")
 
@@ -117,8 +132,9 @@ class Telemetry:
         # the logit readings ride along, so a log step reads everything in one transfer
         attn = output.attn_logit_max if output is not None else None
         log_z = output.log_z if output is not None else None
+        collapse = output.softmax_collapse if output is not None else None
         parts = [stacked.sqrt()] + [
-            t.detach().float().reshape(-1) for t in (attn, log_z) if t is not None
+            t.detach().float().reshape(-1) for t in (attn, log_z, collapse) if t is not None
         ]
         values = torch.cat([p.to(stacked.device) for p in parts]).tolist()  # host sync
         norms = dict(zip(keys, values[: len(keys)], strict=True))
@@ -142,7 +158,18 @@ class Telemetry:
             line["attn_logit_max"] = max(per_layer)
             line["attn_logit_max/layers"] = per_layer
         if log_z is not None:
-            line["log_z"] = readings[0]
+            line["log_z"], readings = readings[0], readings[1:]
+        if collapse is not None:
+            line["softmax_saturated"], line["zero_sum_residual"] = readings[:2]
+        if "output" in norms:
+            line.update(self._output_growth(norms["output"]))
         self._before = None
         self.steps = self.clipped = self.skipped = 0
         return line
+
+    def _output_growth(self, norm: float) -> dict[str, float]:
+        """The output layer's relative norm growth per step since the previous reading."""
+        previous, self._output_norm = self._output_norm, norm
+        if previous is None or previous <= 0 or self.steps == 0:
+            return {}
+        return {"output_norm_growth": (norm / previous - 1) / self.steps}

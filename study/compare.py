@@ -28,14 +28,29 @@ from study.runs import Run, StudyError, labels, load_runs, report_dir, to_float,
 from study.sensitivity import LRGroup, lr_groups
 
 # One marker per detection kind, drawn on the run's loss line at the detection step.
-MARKERS = {"nonfinite": "X", "spike": "^", "drift": "v", "attn_logit": "s", "output_logit": "D"}
+MARKERS = {
+    "nonfinite": "X",
+    "spike": "^",
+    "drift": "v",
+    "attn_logit": "s",
+    "output_logit": "D",
+    "slingshot": "P",
+}
 _MARKER_NAMES = {
     "X": "cross",
     "^": "triangle up",
     "v": "triangle down",
     "s": "square",
     "D": "diamond",
+    "P": "plus",
 }
+# The slingshot watch's readings (monitor.telemetry), drawn together.
+OUTPUT_LAYER_KEYS = [
+    "param_norm/output",
+    "output_norm_growth",
+    "softmax_saturated",
+    "zero_sum_residual",
+]
 # (key, markdown header) of the summary table, in order; CSV uses the keys as headers.
 COLUMNS = [
     ("status", "status"),
@@ -232,6 +247,41 @@ def plot_panels(
     return save_figure(fig, path, _run_handles(run_labels, colors), list(run_labels), title)
 
 
+def plot_sharpness(
+    runs: Sequence[Run], run_labels: Sequence[str], colors: Sequence[Any], out: Path
+) -> Path | None:
+    """Adam's preconditioned sharpness S against its stability threshold (38/lr at beta1 0.9,
+    dashed, the run's color), S / threshold, and lambda_max(H), on log axes."""
+    if not any("sharpness" in run.metric_keys() for run in runs):
+        return None
+    fig, (ax_s, ax_ratio, ax_h) = new_figure(3)
+    for run, color in zip(runs, colors, strict=True):
+        steps, values = run.series("sharpness")
+        ax_s.plot(steps, finite(values, True), color=color, lw=1.3, marker="o", ms=3)
+        steps, values = run.series("sharpness_threshold")
+        ax_s.plot(steps, finite(values, True), color=color, lw=1.0, ls="--")
+        steps, values = run.series("sharpness_ratio")
+        ax_ratio.plot(steps, finite(values, True), color=color, lw=1.3, marker="o", ms=3)
+        steps, values = run.series("hessian_max_eig")
+        ax_h.plot(steps, finite(values, True), color=color, lw=1.3, marker="o", ms=3)
+    ax_ratio.axhline(1.0, color="gray", lw=1.0, ls="--")
+    for ax, title in (
+        (ax_s, "S = lambda_max(P^-1 H); dashed: threshold"),
+        (ax_ratio, "S / threshold"),
+        (ax_h, "lambda_max(H)"),
+    ):
+        if ax.has_data():
+            ax.set_yscale("log")
+        ax.set_title(title)
+    return save_figure(
+        fig,
+        out / "sharpness.png",
+        _run_handles(run_labels, colors),
+        list(run_labels),
+        "Preconditioned sharpness (Adam's edge of stability)",
+    )
+
+
 def _group_keys(runs: Sequence[Run], prefix: str) -> list[str]:
     """`prefix` itself, then its per-group keys (`param_norm/decay`, ...), in a stable order."""
     keys = set().union(*(run.metric_keys() for run in runs))
@@ -386,6 +436,21 @@ def report(runs: Sequence[Run], out: Path, smooth: float = 0.0) -> tuple[list[Pa
                 out / "logits.png",
                 "Max attention logit and output log Z",
                 ["attn_logit_max"],
+            ),
+        ),
+        (
+            "Preconditioned sharpness",
+            plot_sharpness(runs, run_labels, colors, out),
+        ),
+        (
+            "Output layer (slingshot watch)",
+            plot_panels(
+                runs,
+                run_labels,
+                colors,
+                OUTPUT_LAYER_KEYS,
+                out / "output_layer.png",
+                "Output-layer norm, its growth per step, and softmax collapse",
             ),
         ),
     ]

@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 # Event kinds that are detections (a divergence signal), as opposed to actions and bookkeeping.
-DETECTION_KINDS = ("nonfinite", "spike", "drift", "attn_logit", "output_logit")
+DETECTION_KINDS = ("nonfinite", "spike", "drift", "attn_logit", "output_logit", "slingshot")
 # Config keys that name where a run writes or logs, not what it trains: never a "difference".
 IGNORED_KEYS = {"run.name", "run.out_dir", "checkpoint.resume"}
 IGNORED_PREFIXES = ("meta.", "wandb.")

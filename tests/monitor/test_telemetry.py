@@ -32,6 +32,8 @@ def full_weights(engine, zero_stage: int) -> dict[str, torch.Tensor]:
 def buckets(name: str, decay: set[str]) -> list[str]:
     block = name.split(".")[2] if name.startswith("transformer.h.") else None
     found = ["decay" if name in decay else "no_decay", layer_type(name)]
+    if name == "transformer.wte.weight":  # tied to lm_head: the output layer
+        found.append("output")
     return found + ([f"layer{block}"] if block is not None else [])
 
 
@@ -87,6 +89,12 @@ def test_norms_effective_lr_and_update_ratio_match_the_full_weights(dist_env, ze
     assert line["attn_logit_max/layers"] == output.attn_logit_max.tolist()
     assert line["attn_logit_max"] == max(line["attn_logit_max/layers"])
     assert line["log_z"] == output.log_z.item()
+    assert [line["softmax_saturated"], line["zero_sum_residual"]] == pytest.approx(
+        output.softmax_collapse.tolist(), rel=1e-6
+    )
+    norm_before = before["transformer.wte.weight"].double().norm().item()
+    growth = line["param_norm/output"] / norm_before - 1  # one step between the two readings
+    assert line["output_norm_growth"] == pytest.approx(growth, rel=1e-4, abs=1e-9)
     assert line["clip_frac"] == (1.0 if scalars.clipped else 0.0) and line["skipped_steps"] == 0
 
 
@@ -95,7 +103,9 @@ def test_bench_times_every_setting(corpus, capsys):
     from monitor import bench
 
     overrides = [f"data.dataset={corpus}", "model.vocab_size=256", "model.n_embd=32"]
-    figures = bench.main(["--steps", "2", "--warmup", "1", *overrides])
+    figures = bench.main(["--steps", "2", "--warmup", "1", "--sharpness-reps", "1", *overrides])
     assert {"on_ms", "off_ms", "nologit_ms", "overhead_on", "overhead_nologit"} <= figures.keys()
+    assert figures["sharpness_steps"] == pytest.approx(figures["sharpness_ms"] / figures["off_ms"])
+    assert figures["overhead_sharpness"] == pytest.approx(figures["sharpness_steps"] / 1000)
     assert all(value > 0 for key, value in figures.items() if key.endswith("_ms"))
     assert "on / off" in capsys.readouterr().out

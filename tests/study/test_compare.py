@@ -289,3 +289,50 @@ def test_sensitivity_outputs(lr_report: Path) -> None:
     assert "](lr_sensitivity.png)" in text
     png = lr_report / "lr_sensitivity.png"
     assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 10_000
+
+
+# --- dynamics instruments ----------------------------------------------------------------------
+
+
+def test_sharpness_and_output_layer_plots(tmp_path: Path) -> None:
+    """Runs that log sharpness (every 5th step) and the slingshot signals get both figures, the
+    slingshot detection its marker; runs without them get neither."""
+    from tests.study.conftest import BASE_CONFIG, event, train_line, write_run
+
+    for name, lr in (("a", 1e-3), ("b", 3e-3)):
+        lines = []
+        for step in range(1, 21):
+            extra = {
+                "param_norm/output": 50.0 + step**1.5,
+                "output_norm_growth": 1e-3 * step,
+                "softmax_saturated": 0.0,
+                "zero_sum_residual": 1e-8,
+            }
+            if step % 5 == 0:
+                threshold = 38 / lr
+                s = threshold * min(1.0, step / 10)
+                extra.update(
+                    sharpness=s,
+                    sharpness_threshold=threshold,
+                    sharpness_ratio=s / threshold,
+                    hessian_max_eig=10.0 * step,
+                )
+            lines.append(train_line(step, 5.0 - 0.1 * step, **extra))
+        detection = event(15, "slingshot", metric="output_norm_growth", value=0.1, threshold=0.01)
+        detection["detail"] = "cycle"
+        config = {**BASE_CONFIG, "optim": {**BASE_CONFIG["optim"], "lr": lr}}
+        write_run(tmp_path / "runs", name, config, lines, events=[detection])
+    out = tmp_path / "out"
+    assert (
+        main([str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b"), "--out", str(out)]) == 0
+    )
+    text = (out / "summary.md").read_text()
+    for name in ("sharpness", "output_layer"):
+        path = out / f"{name}.png"
+        assert path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 20_000
+        assert f"]({name}.png)" in text
+    assert "plus: slingshot" in text
+    plain = tmp_path / "plain"
+    write_run(tmp_path / "plainruns", "p", BASE_CONFIG, [train_line(s, 5.0) for s in range(1, 5)])
+    assert main([str(tmp_path / "plainruns" / "p"), "--out", str(plain)]) == 0
+    assert not (plain / "sharpness.png").exists() and not (plain / "output_layer.png").exists()

@@ -93,7 +93,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
         **shape,
     )
     val_batches = validation_batches(
-        data_dir / "val.bin", num_batches=cfg.data.eval_batches, **shape
+        data_dir / "val.bin", num_sequences=cfg.data.eval_sequences, **shape
     )
     tokens_per_step = loader.global_batch_size * cfg.model.block_size
     record.message(
@@ -199,7 +199,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
         if (
             cfg.train.eval_interval and step % cfg.train.eval_interval == 0
         ) or step == cfg.train.max_steps:
-            val_loss = evaluate(engine, val_batches, env.device)
+            val_loss = evaluate(engine, val_batches, cfg.data.eval_sequences, env.device)
             record.metrics(
                 {"step": step, "tokens": tokens, "val_loss": val_loss, "time": time.time()}
             )
@@ -280,18 +280,23 @@ def train_step(engine, gate: UpdateGate, telemetry: Telemetry, batches, step: in
 
 @torch.no_grad()
 def evaluate(
-    engine, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    engine,
+    batches: list[tuple[tuple[torch.Tensor, torch.Tensor], int]],
+    num_sequences: int,
+    device: torch.device,
 ) -> float:
-    """Mean validation loss over the fixed batches of every rank."""
+    """Mean validation loss over the global set: each micro-batch's mean weighted by its real
+    sequences (the rest is padding), summed over ranks, divided by the set's size."""
     engine.module.eval()
     total = torch.zeros((), device=device)
-    for x, y in batches:
-        total += engine(x, y).loss.float()
+    for (x, y), sequences in batches:
+        loss = engine(x, y).loss.float()  # every rank runs every forward (ZeRO-3 gathers)
+        if sequences:  # padding only: its mean is 0/0
+            total += loss * sequences
     engine.module.train()
-    total /= len(batches)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.AVG)
-    return total.item()  # host sync
+        torch.distributed.all_reduce(total)
+    return total.item() / num_sequences  # host sync
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from configs import ConfigError, load_config
 from configs.schema import TrainConfig
 from data.loader import BatchLoader, resolve_dataset, validation_batches
 from data.prepare import DataError
-from launch.distributed import close_distributed, init_distributed
+from launch.distributed import close_distributed, init_distributed, lost_peer_error
 from model import GPT
 from monitor.divergence import DivergenceWatch
 from monitor.perf import Throughput
@@ -51,7 +51,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     """
     # -----------------------------------------------------------------------------------------
     # distributed init, run directory, the checkpoint to resume from
-    env = init_distributed(cfg.run.device)
+    env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = Checkpointer(run_dir, cfg.checkpoint, env.rank, env.world_size)
     resume_from = select_resume(ckpt, cfg, env.world_size)  # best first; [] starts afresh
@@ -319,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        traceback.print_exc()
-        print(f"rank {os.environ.get('RANK', '0')}: {type(err).__name__}: {err}", file=sys.stderr)
+        lost = lost_peer_error(err)  # a collective that failed because a peer is gone
+        if lost is None:
+            traceback.print_exc()
+        rank = os.environ.get("RANK", "0")
+        print(lost or f"rank {rank}: {type(err).__name__}: {err}", file=sys.stderr)
         if cfg is not None:
             _mark_failed(Path(cfg.run.out_dir) / cfg.run.name, err)
         return 1

@@ -382,8 +382,9 @@ def test_serial_sweep_trains_every_run_then_skips_them_all(tmp_path, capsys, cpu
 
 
 @pytest.mark.slurm
-def test_slurm_sweep_submits_one_job_per_run(tmp_path, capsys, slurm_cluster):
-    """Through a real one-node SLURM cluster: both runs are queued, then --wait collects them."""
+def test_slurm_sweep_submits_one_job_array(tmp_path, capsys, slurm_cluster):
+    """Through a real one-node SLURM cluster: both runs are queued as one job array, then
+    --wait collects them."""
     path = write_sweep(
         tmp_path, "queued", overrides=TINY_RUN, grid={"optim.weight_decay": [0, 0.1]}
     )
@@ -392,7 +393,8 @@ def test_slurm_sweep_submits_one_job_per_run(tmp_path, capsys, slurm_cluster):
     argv += [f"--partition={slurm_cluster.partition}", "--time=10"]
     assert sw.main(argv) == 0, capsys.readouterr().out
     text = capsys.readouterr().out
-    assert len(re.findall(r"job \d+ \(slurm\)", text)) == 2
+    jobs = re.findall(r"job (\d+_\d+) \(array (\d+)\)", text)
+    assert [job for job, _ in jobs] == [f"{jobs[0][1]}_0", f"{jobs[0][1]}_1"], text
     for name in ("wd0", "wd0.1"):
         summary = json.loads((out / "queued" / name / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["steps"] == TINY_RUN["train.max_steps"]

@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     2 a config, data or checkpoint the user must fix, 1 anything else. Any other exception on
     any rank is reported as `rank N: Type: message` after its traceback, so that with several
     ranks the log says which one failed; the launcher (torchrun, srun) then stops the others.
+    A collective that failed because a peer is gone is one line naming the lost rank.
     """
     args = sys.argv[1:] if argv is None else argv
     path = args[0] if args and "=" not in args[0] else None

@@ -8,7 +8,6 @@
 Everything a run writes lands in <run.out_dir>/<run.name>/ (see README, "The run directory").
 """
 
-import json
 import os
 import sys
 import time
@@ -24,20 +23,20 @@ from checkpoint.manager import (
     HarnessState,
     needs_universal,
     read_harness,
+    step_of,
 )
 from checkpoint.preemption import PreemptionFlag
-from checkpoint.resume import select_init, select_resume
-from configs import ConfigError, load_config
+from checkpoint.resume import resume_reason, select_init, select_resume
+from configs import ConfigError, key_table, load_config
 from configs.schema import TrainConfig
 from data.loader import BatchLoader, resolve_dataset, validation_batches
 from data.prepare import DataError
-from launch.distributed import close_distributed, init_distributed, lost_peer_error
+from launch.distributed import DistEnv, close_distributed, init_distributed, lost_peer_error
 from model import GPT
 from monitor.divergence import DivergenceWatch
 from monitor.perf import Throughput
 from monitor.policy import Action
-from monitor.run_record import RunRecord
-from monitor.sinks import write_json_atomic
+from monitor.run_record import RunRecord, is_complete, read_summary
 from monitor.telemetry import Telemetry
 from optim.engine import StepScalars, UpdateGate, initialize, set_lr
 from optim.schedule import lr_at
@@ -48,6 +47,8 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
 
     `stop_step` ends the loop after that step without changing the run itself (the LR schedule
     still follows `train.max_steps`); `monitor.replay` re-runs a stretch of a run with it.
+    A run already complete at `train.max_steps` is left as it is. On any exception the run
+    record is closed with status `failed` and the error (see `RunRecord.fail`).
     """
     # -----------------------------------------------------------------------------------------
     # distributed init, run directory, the checkpoint to resume from
@@ -55,8 +56,30 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = Checkpointer(run_dir, cfg.checkpoint, env.rank, env.world_size)
     resume_from = select_resume(ckpt, cfg, env.world_size)  # best first; [] starts afresh
+    previous = read_summary(run_dir) if resume_from else None
+    if stop_step is None and is_complete(previous, cfg):
+        if env.is_main:
+            print(f"{run_dir} is complete ({cfg.train.max_steps} steps): nothing to do")
+        return previous
     init_from = select_init(cfg, resume_from)  # another run's checkpoint, for a new run only
-    record = RunRecord(run_dir, cfg, env, resuming=bool(resume_from))
+    record = RunRecord(run_dir, cfg, env, previous)
+    try:
+        return train_run(cfg, env, ckpt, resume_from, init_from, record, stop_step)
+    except BaseException as err:
+        record.fail(err)
+        raise
+
+
+def train_run(
+    cfg: TrainConfig,
+    env: DistEnv,
+    ckpt: Checkpointer,
+    resume_from: list[Path],
+    init_from: Path | None,
+    record: RunRecord,
+    stop_step: int | None,
+) -> dict[str, Any]:
+    """The run itself, from the model to the summary, with its record open."""
     if cfg.tf32 and env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -148,6 +171,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
                 path=str(resume_path),
                 from_world_size=state["world_size"],
                 universal=universal,
+                reason=resume_reason(cfg, record.previous or None),
             )
         )
     else:
@@ -179,7 +203,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
         if preemption.requested:
             ckpt.save(engine, harness_state())
             record.event(event(step, "preempt", signal=preemption.signal_name))
-            status = "preempted"
+            status = "stopped" if preemption.by_user else "preempted"
             break
         lr = lr_at(step, cfg.optim, cfg.train.max_steps)
         set_lr(engine.optimizer, lr)
@@ -210,9 +234,9 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
             good = ckpt.before(pinned_for)
             if good is not None:
                 ckpt.pin(good, f"last good before the detection at step {pinned_for}")
-        if action == Action.STOP:
-            ckpt.save(engine, harness_state())
-            record.event(event(step, "stop"))
+        if action == Action.STOP:  # the diverged state is kept beside, never resumed by default
+            path = ckpt.save(engine, harness_state(), diverged=True)
+            record.event(event(step, "stop", path=str(path)))
             status = "diverged"
             break
         if action == Action.ROLLBACK:
@@ -236,8 +260,16 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
             record.summary(status="running", steps=step, watch=watch)
 
     preemption.uninstall()
+    latest = ckpt.latest()
+    if status == "completed" and stop_step is None and (latest is None or step_of(latest) != step):
+        path = ckpt.save(engine, harness_state())  # the final weights, whatever the interval
+        record.event(event(step, "checkpoint", path=str(path)))
     summary = record.summary(status=status, steps=step, watch=watch)
     record.close()
+    if status == "diverged" and cfg.divergence.diagnose:  # the stop is saved: now ask why
+        from monitor.diagnose import after_stop
+
+        after_stop(run_dir, step)
     return summary
 
 
@@ -299,19 +331,27 @@ def evaluate(
     return total.item() / num_sequences  # host sync
 
 
+USAGE = """python train.py [CONFIG.yaml] [section.key=value ...]
+
+CONFIG.yaml defaults to configs/default.yaml; the keys below override it. Running the same
+command again resumes the run from its latest checkpoint (a finished run: nothing to do)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: `train.py [CONFIG.yaml] [section.key=value ...]`; bad input is a one-line error.
 
     Exit status: 0 completed (or stopped by the divergence policy, or preempted and saved),
-    2 a config, data or checkpoint the user must fix, 1 anything else. Any other exception on
-    any rank is reported as `rank N: Type: message` after its traceback, so that with several
-    ranks the log says which one failed; the launcher (torchrun, srun) then stops the others.
-    A collective that failed because a peer is gone is one line naming the lost rank.
+    2 a config, data or checkpoint the user must fix, 130 Ctrl-C, 1 anything else. Any other
+    exception on any rank is reported as `rank N: Type: message` after its traceback, so that
+    with several ranks the log says which one failed; the launcher (torchrun, srun) then stops
+    the others. A collective that failed because a peer is gone is one line naming the lost rank.
     """
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help"):
+        print(f"{__doc__.strip()}\n\nusage: {USAGE}\n\n{key_table()}")
+        return 0
     path = args[0] if args and "=" not in args[0] else None
     overrides = args[1:] if path is not None else args
-    cfg = None
     try:
         cfg = load_config(path, overrides)
         summary = run(cfg)
@@ -319,35 +359,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, DataError) as err:
         print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the loop, or twice: nothing was saved
+        print(f"{_rank_prefix()}error: interrupted before a checkpoint was saved", file=sys.stderr)
+        return 130
     except Exception as err:
         lost = lost_peer_error(err)  # a collective that failed because a peer is gone
         if lost is None:
             traceback.print_exc()
         rank = os.environ.get("RANK", "0")
         print(lost or f"rank {rank}: {type(err).__name__}: {err}", file=sys.stderr)
-        if cfg is not None:
-            _mark_failed(Path(cfg.run.out_dir) / cfg.run.name, err)
         return 1
+    if summary["status"] == "stopped":  # Ctrl-C, saved: a shell's `&&` chain stops too
+        return 130
     return 0 if summary["status"] in ("completed", "preempted", "diverged") else 1
 
 
 def _rank_prefix() -> str:
     """`rank N: ` when several ranks may print the same kind of line, else nothing."""
     return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-
-
-def _mark_failed(run_dir: Path, err: Exception) -> None:
-    """Rank 0: set summary.json's status to `failed`, keeping the fields of the last step."""
-    if os.environ.get("RANK", "0") != "0" or not run_dir.is_dir():
-        return
-    summary = {"steps": 0, "final_loss": None, "final_val_loss": None, "divergences": 0}
-    summary["first_divergence_step"] = None
-    try:
-        summary.update(json.loads((run_dir / "summary.json").read_text()))
-    except (OSError, ValueError):
-        pass
-    summary.update(status="failed", error=f"{type(err).__name__}: {err}", time=time.time())
-    write_json_atomic(run_dir / "summary.json", summary)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ what `GPT2LMHeadModel.from_pretrained` loads.
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -48,13 +49,16 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     harness = read_harness(path)
     try:
         if harness["zero_stage"] == 0:
-            module = torch.load(path / _MODULE_FILE, map_location="cpu", weights_only=False)
+            # weights-only: a checkpoint from elsewhere cannot run code (DeepSpeed's file holds
+            # only tensors and plain values)
+            module = torch.load(path / _MODULE_FILE, map_location="cpu", weights_only=True)
             return {k: v.float() for k, v in module["module"].items()}
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    except (OSError, RuntimeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"cannot consolidate checkpoint {path}: {err}") from None
+    except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot consolidate checkpoint {path}: {first}") from None
     return {k: v.float() for k, v in state.items()}
 
 
@@ -63,8 +67,26 @@ def model_config(path: Path) -> ModelConfig:
     return ModelConfig(**read_harness(path)["config"]["model"])
 
 
+# what each export writes; an --out holding anything else is not overwritten
+_EXPORT_FILES = {"torch": {"model.pt", "config.json"}, "hf": {"model.safetensors", "config.json"}}
+
+
+def check_out(out: Path, to: str) -> None:
+    """Refuse an --out that is a file, or a directory holding more than an earlier export."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is an existing file: name a new or empty directory")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in _EXPORT_FILES[to])
+        if others:
+            raise CheckpointError(
+                f"--out {out} holds other files ({', '.join(others[:3])}): name a new or empty "
+                "directory"
+            )
+
+
 def export(path: Path, to: str, out: Path) -> Path:
     """Write checkpoint `path` to `out` as `to` ('torch' or 'hf'); returns `out`."""
+    check_out(out, to)
     state = consolidated_state_dict(path)
     config = model_config(path)
     if to == "hf":
@@ -97,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"exported {path} to {out} ({args.to})")
+    print(f"exported step {step_of(path)} ({path}) to {out} ({args.to})")
     return 0
 
 

@@ -5,6 +5,7 @@ On-disk layout under `<run_dir>/checkpoints/`:
                           `manifest.json` (size and CRC32 of every file), `harness.json` (last)
     step_.../KEEP         present on checkpoints retention must never delete (reasons inside)
     step_.../universal/   DeepSpeed's universal form, made on demand for a world-size change
+    diverged_step_.../    the state at a divergence stop: kept, never resumed automatically
     latest                the tag of the newest complete checkpoint (replaced atomically)
 A checkpoint is written under `.partial-<tag>` and renamed only once every rank has finished,
 so a crash at any moment leaves the previous checkpoint loadable; leftovers of a crashed save
@@ -14,6 +15,7 @@ or corrupted file is found before DeepSpeed reads it, identically on every rank.
 
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -35,6 +37,7 @@ MANIFEST_FILE = "manifest.json"
 KEEP_FILE = "KEEP"
 LATEST_FILE = "latest"
 PARTIAL_PREFIX = ".partial-"
+DIVERGED_PREFIX = "diverged_"
 UNIVERSAL_DIR = "universal"
 _CHUNK_BYTES = 16 << 20
 
@@ -94,6 +97,30 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def load_rng_file(path: Path) -> dict[str, Any]:
+    """An `rng_rank{r}.pt` file, loaded weights-only: a checkpoint from elsewhere cannot run code.
+
+    Beyond tensors and Python scalars it holds numpy's generator state (a uint32 array), whose
+    reconstruction is the one non-tensor type allowed.
+    """
+    numpy_types = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _numpy_reconstruct()]
+    try:
+        with torch.serialization.safe_globals(numpy_types):
+            return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is not a loadable RNG state ({first})") from None
+
+
+def _numpy_reconstruct() -> Any:
+    """numpy's array unpickler, whose module moved in numpy 2 (`numpy._core`)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -169,9 +196,14 @@ class Checkpointer:
 
     # --- saving ----------------------------------------------------------------------------
 
-    def save(self, engine, state: HarnessState) -> Path:
-        """Write a checkpoint of `engine` and `state` on every rank; publish it atomically."""
-        tag = tag_for(state["step"])
+    def save(self, engine, state: HarnessState, diverged: bool = False) -> Path:
+        """Write a checkpoint of `engine` and `state` on every rank; publish it atomically.
+
+        A `diverged` state (a divergence stop) is written as `diverged_step_N`, outside the
+        checkpoints that `latest`, resuming and retention see: a restart continues from the last
+        good state, while the diverged one stays for forensics (`checkpoint.resume=PATH` loads it).
+        """
+        tag = DIVERGED_PREFIX * diverged + tag_for(state["step"])
         partial = self.dir / f"{PARTIAL_PREFIX}{tag}"
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +221,8 @@ class Checkpointer:
             if final.exists():  # the same step again, after a rollback: the newer one wins
                 shutil.rmtree(final)
             os.replace(partial, final)
-            write_text_atomic(self.dir / LATEST_FILE, tag)
+            if not diverged:
+                write_text_atomic(self.dir / LATEST_FILE, tag)
             _fsync_dir(self.dir)
             self.prune()
         _barrier()
@@ -252,7 +285,7 @@ class Checkpointer:
                     warn(f"{err}; trying the previous checkpoint")
         raise CheckpointError(
             f"no checkpoint in {self.dir} could be loaded ({'; '.join(failures)}); to start "
-            "afresh use a new run.name or checkpoint.resume=never"
+            "afresh use a new run.name, or checkpoint.resume=never run.move_aside=true"
         )
 
     def load(self, engine, path: Path, rng: bool = True) -> HarnessState:
@@ -290,7 +323,7 @@ class Checkpointer:
         _repair_optimizer(engine, hyper)
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng and state["world_size"] == self.world_size and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(load_rng_file(rng_file))
         return state
 
     def _verify(self, path: Path) -> None:

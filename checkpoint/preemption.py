@@ -1,4 +1,5 @@
-"""Turn the signals a scheduler sends before preemption or a time limit into a save-and-exit."""
+"""Turn the signals a scheduler sends before preemption or a time limit, and Ctrl-C, into a
+save-and-exit."""
 
 import signal
 import threading
@@ -9,8 +10,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# SLURM sends SIGTERM at preemption and, with `--signal`, SIGUSR1 before the time limit.
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SLURM sends SIGTERM at preemption and, with `--signal`, SIGUSR1 before the time limit;
+# SIGINT is Ctrl-C (a second one interrupts at once, without saving).
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionFlag:
@@ -40,8 +42,15 @@ class PreemptionFlag:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self._signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user will not wait for the save
         self._signum = signum
         self.signal_name = signal.Signals(signum).name
+
+    @property
+    def by_user(self) -> bool:
+        """Whether the agreed signal is Ctrl-C (the run is `stopped`, not `preempted`)."""
+        return self.signal_name is not None and self.signal_name.startswith("SIGINT")
 
     @property
     def requested(self) -> bool:

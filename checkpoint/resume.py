@@ -3,7 +3,15 @@
 from pathlib import Path
 from typing import Any
 
-from checkpoint.manager import Checkpointer, CheckpointError, HarnessState, read_harness, warn
+from checkpoint.manager import (
+    DIVERGED_PREFIX,
+    Checkpointer,
+    CheckpointError,
+    HarnessState,
+    _barrier,
+    read_harness,
+    warn,
+)
 from configs.schema import TrainConfig
 
 # Keys whose change would silently make a different run; the rest (steps, intervals, logging,
@@ -50,6 +58,7 @@ def select_resume(ckpt: Checkpointer, cfg: TrainConfig, world_size: int) -> list
     """
     mode = cfg.checkpoint.resume
     if mode == "never":
+        clear_for_fresh_start(ckpt, cfg.run.move_aside)
         return []
     if mode != "auto":
         path = Path(mode)
@@ -67,11 +76,56 @@ def select_resume(ckpt: Checkpointer, cfg: TrainConfig, world_size: int) -> list
     if not usable and ckpt.published():
         raise CheckpointError(
             f"checkpoints exist in {ckpt.dir} but none has a readable harness.json; to start "
-            "afresh use a new run.name or checkpoint.resume=never"
+            "afresh use a new run.name, or checkpoint.resume=never run.move_aside=true"
         )
     if usable:
         check_compatible(read_harness(usable[0]), cfg, world_size, usable[0])
     return usable
+
+
+def clear_for_fresh_start(ckpt: Checkpointer, move_aside: bool) -> None:
+    """Make sure a fresh start (`checkpoint.resume=never`) does not mix into an earlier run.
+
+    A run directory that holds a run (checkpoints, metrics or events) is refused, or with
+    `move_aside` renamed to `<name>.old-N` first (rank 0, the others wait).
+    """
+    run_dir = ckpt.dir.parent
+    held = [p.name for p in (run_dir / "metrics.jsonl", run_dir / "events.jsonl") if _nonempty(p)]
+    held += ["checkpoints"] if ckpt.published() else []
+    if not held:
+        return
+    aside = next(
+        path
+        for n in range(1, 10_000)
+        if not (path := run_dir.with_name(f"{run_dir.name}.old-{n}")).exists()
+    )
+    if not move_aside:
+        raise CheckpointError(
+            f"{run_dir} already holds a run ({', '.join(held)}); checkpoint.resume=never would "
+            f"mix a new run into it: use a new run.name, or add run.move_aside=true to move the "
+            f"old run to {aside} first"
+        )
+    _barrier()  # every rank has looked before rank 0 moves it
+    if ckpt.rank == 0:
+        run_dir.rename(aside)
+        warn(f"moved the earlier run in {run_dir} to {aside}")
+    _barrier()
+
+
+def _nonempty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def resume_reason(cfg: TrainConfig, previous: dict[str, Any] | None) -> str:
+    """Why a run resumes where it does, for its `resume` event."""
+    if cfg.checkpoint.resume != "auto":
+        return "checkpoint.resume names it"
+    if previous is not None and previous.get("status") == "diverged":
+        return (
+            f"restart after the divergence stop at step {previous.get('steps')}: from the last "
+            f"good checkpoint (the diverged state stays in {DIVERGED_PREFIX}step_*)"
+        )
+    return "the latest checkpoint"
 
 
 def select_init(cfg: TrainConfig, resume_from: list[Path]) -> Path | None:

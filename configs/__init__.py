@@ -22,9 +22,12 @@ def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "config"
     if error["type"] == "extra_forbidden":
         return f"unknown config key '{key}'"
+    got = error.get("input")
+    if error["type"] == "model_type":  # `train: 5`: a value where a section belongs
+        example = _example_key(key)
+        return f"'{key}' is a section of keys (such as {example}), not a value: got {got!r}"
     message = error["msg"].removeprefix("Value error, ")
     allowed = (error.get("ctx") or {}).get("expected")
-    got = error.get("input")
     if allowed:
         return f"bad value {got!r} for '{key}': expected {allowed}"
     if error["type"] == "value_error":
@@ -53,6 +56,13 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _example_key(section: str) -> str:
+    """The first key of `section` (`train` -> `train.max_steps`), for messages."""
+    from configs.schema import TrainConfig
+
+    return next(k for k in _known_keys(TrainConfig) if k.startswith(section + "."))
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`optim.lr=3e-4` -> (['optim', 'lr'], 3e-4); values are parsed as YAML scalars or lists."""
     from configs.schema import TrainConfig
@@ -62,6 +72,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     path = key.strip().split(".")
     known = _known_keys(TrainConfig)
+    if any(k.startswith(key.strip() + ".") for k in known):
+        raise ConfigError(
+            f"'{key.strip()}' is a section of keys, not a value: set one of its keys, "
+            f"such as {_example_key(key.strip())}=..."
+        )
     if key.strip() not in known and path[:2] != ["deepspeed", "extra"]:
         close = difflib.get_close_matches(key.strip(), known, n=3, cutoff=0.6)
         sections = ", ".join(sorted({k.split(".")[0] for k in known}))
@@ -89,7 +104,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist (see configs/ for presets)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {err.start})") from None
+    if not text.strip():
+        raise ConfigError(f"config file '{path}' is empty")
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -4,6 +4,11 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors and every assignment is re-validated."""
+    """A config section: unknown keys are errors and every assignment is re-validated.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    No float may be inf or NaN: a non-finite learning rate, say, would train to NaN and exit 0.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )

@@ -1,8 +1,9 @@
 """The whole run's config: one typed section per package, composed into `TrainConfig`."""
 
+from pathlib import PurePath
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from checkpoint.config import CheckpointConfig
 from configs.base import Section
@@ -25,6 +26,22 @@ class RunConfig(Section):
         description="seconds a rank waits in a collective (or the rendezvous) for a lost peer "
         "before failing; raise it if a large checkpoint's save or conversion takes longer",
     )
+    move_aside: bool = Field(
+        False,
+        description="with checkpoint.resume=never: move an existing run to <name>.old-N first",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _inside_out_dir(cls, name: str) -> str:
+        """A run directory outside out_dir would escape sweeps, reports and cleanup."""
+        path = PurePath(name)
+        if path.is_absolute() or ".." in path.parts or not path.parts:
+            raise ValueError(
+                f"run.name {name!r} must be a plain relative path inside run.out_dir "
+                "(no '..', no leading '/'); to write elsewhere set run.out_dir"
+            )
+        return name
 
 
 class TrainLoopConfig(Section):
@@ -52,3 +69,12 @@ class TrainConfig(Section):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _move_aside_starts_afresh(self) -> "TrainConfig":
+        if self.run.move_aside and self.checkpoint.resume != "never":
+            raise ValueError(
+                "run.move_aside=true moves an old run aside to start afresh: it needs "
+                "checkpoint.resume=never"
+            )
+        return self

@@ -85,25 +85,40 @@ def open_tokens(
     return tokens
 
 
-def _meta_vocab_size(path: Path) -> int | None:
-    meta_path = path.with_name(META_FILE)
+def read_meta(directory: Path) -> dict[str, Any] | None:
+    """The `meta.json` of a prepared directory (None if it has none); one-line error if broken."""
+    meta_path = Path(directory) / META_FILE
     if not meta_path.is_file():
         return None
-    return json.loads(meta_path.read_text()).get("vocab_size")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(
+            f"{meta_path} is unreadable ({err}): prepare the dataset again "
+            "(python -m data.prepare ... --force)"
+        ) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits", {}), dict):
+        raise DataError(f"{meta_path} is not a data.prepare meta.json: prepare the dataset again")
+    return meta
+
+
+def _meta_vocab_size(path: Path) -> int | None:
+    meta = read_meta(path.parent)
+    return None if meta is None else meta.get("vocab_size")
 
 
 def _meta_entry(path: Path) -> dict[str, Any] | None:
-    meta_path = path.with_name(META_FILE)
-    if not meta_path.is_file():
-        return None
-    splits = json.loads(meta_path.read_text()).get("splits", {})
+    meta = read_meta(path.parent)
+    splits = {} if meta is None else meta.get("splits", {})
     return next((entry for entry in splits.values() if entry.get("file") == path.name), None)
 
 
 def _check_ids(tokens: np.ndarray, vocab_size: int, name: str) -> None:
     if len(tokens) and (max_id := int(tokens.max())) >= vocab_size:
+        padded = -(-(max_id + 1) // 64) * 64  # embedding rows rounded up to 64, as GPT-2's 50304
         raise DataError(
-            f"{name} holds token id {max_id} >= vocab_size {vocab_size}: another tokenizer?"
+            f"{name} holds token id {max_id} >= model.vocab_size {vocab_size}: set "
+            f"model.vocab_size={padded} (or more) for this dataset"
         )
 
 
@@ -218,6 +233,11 @@ class BatchLoader:
             start += len(part)
             count -= len(part)
         return np.concatenate(parts)
+
+    def windows(self, position: int) -> np.ndarray:
+        """The window ids of global batch `position`, all ranks' shares in rank order; window
+        w is tokens [w * block_size, (w + 1) * block_size] of the token file."""
+        return self._window_ids(position * self.global_batch_size, self.global_batch_size)
 
     def next_step(self) -> list[Batch]:
         """This rank's `grad_accum_steps` micro-batches (x, y) for the next optimizer step."""

@@ -105,7 +105,8 @@ def prepare(
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if num_proc < 1:
         raise DataError(f"num_proc must be >= 1, got {num_proc}")
-    _check_writable(out_dir, force)
+    inputs = _local_inputs(source)
+    _check_writable(out_dir, force, inputs)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not mkdtemp: its 0700 mode would stay on the renamed output.
     work_dir = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -129,27 +130,49 @@ def prepare(
         with (work_dir / META_FILE).open("w") as out:
             out.write(json.dumps(meta, indent=2) + "\n")
             _sync(out)
-        _install(work_dir, out_dir, force)
+        _install(work_dir, out_dir, force, inputs)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
     return out_dir
 
 
-def _check_writable(out_dir: Path, force: bool) -> None:
-    if not out_dir.exists() or force:
+def _check_writable(out_dir: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
+    """Refuse an output that would destroy something other than an earlier prepared dataset.
+
+    `--force` replaces a prepared dataset (a directory with its meta.json) and nothing else:
+    never an arbitrary directory or file, and never one that holds an input.
+    """
+    for path in inputs:
+        if out_dir.resolve() in (path.resolve(), *path.resolve().parents):
+            raise DataError(
+                f"--out {out_dir} holds the input {path}: write the dataset to another directory"
+            )
+    if not out_dir.exists():
         return
-    if (out_dir / META_FILE).exists():
-        raise DataError(f"{out_dir} already holds a prepared dataset; pass --force to replace it")
+    if (out_dir / META_FILE).is_file():
+        if not force:
+            raise DataError(
+                f"{out_dir} already holds a prepared dataset; pass --force to replace it"
+            )
+        return
     if not out_dir.is_dir() or any(out_dir.iterdir()):
         raise DataError(
-            f"{out_dir} exists and is not an empty directory; pass --force to replace it"
+            f"{out_dir} exists and is not a prepared dataset (no {META_FILE}); --force replaces "
+            "only a prepared dataset: choose a new or empty --out"
         )
 
 
-def _install(work_dir: Path, out_dir: Path, force: bool) -> None:
+def _local_inputs(source: Source) -> list[Path]:
+    """The files and directories a local source reads (none for a hub or in-memory source)."""
+    if isinstance(source, HubSource | TextSource) or source == OPENWEBTEXT:
+        return []
+    return [Path(p) for p in ([source] if isinstance(source, str | Path) else source)]
+
+
+def _install(work_dir: Path, out_dir: Path, force: bool, inputs: Sequence[Path]) -> None:
     """Rename the finished `work_dir` to `out_dir`; an old output is removed only afterwards."""
-    _check_writable(out_dir, force)  # again: another process may have finished meanwhile
+    _check_writable(out_dir, force, inputs)  # again: another process may have finished meanwhile
     if not out_dir.exists():
         work_dir.rename(out_dir)
         return
@@ -176,8 +199,14 @@ def _load(source: Source, arrow_dir: Path, num_proc: int) -> tuple["Dataset", st
     paths = [source] if isinstance(source, str | Path) else list(source)
     files = _find_files(paths)
     description = "local files: " + ", ".join(str(p) for p in paths)
-    texts = (text for file in tqdm(files, desc="reading", unit="file") for text in _read(file))
-    return _texts_to_dataset(texts, arrow_dir, description), description
+    return _texts_to_dataset(_read_all(files), arrow_dir, description), description
+
+
+def _read_all(files: list[Path]) -> Iterator[str]:
+    """The documents of every file, with a progress bar ended (its line too) on any error."""
+    with tqdm(files, desc="reading", unit="file") as bar:
+        for file in bar:
+            yield from _read(file)
 
 
 def _load_hub(source: HubSource, num_proc: int) -> tuple["Dataset", str]:
@@ -257,10 +286,15 @@ def _read(path: Path) -> Iterator[str]:
             raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         yield text
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
-            for line_number, line in enumerate(lines, 1):
+        with path.open("rb") as lines:  # bytes: a bad line is reported with its number
+            for line_number, raw in enumerate(lines, 1):
+                where = f"{path}:{line_number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
                 if line.strip():
-                    yield _jsonl_text(line, f"{path}:{line_number}")
+                    yield _jsonl_text(line, where)
     else:
         try:
             parquet = pq.ParquetFile(path)

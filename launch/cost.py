@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 # sweeps side by side (OMP_NUM_THREADS=1): a 4-layer, 64-wide GPT with the 10k compact vocabulary
 # took 45 s for 550 steps of 2 x 64 tokens and 174 s for 600 steps of 8 x 64 tokens. About
 # 10 GFLOP/s of model FLOPs, 0.02 s per step (DeepSpeed step, gate, telemetry), 10 s per run
-# (imports, DeepSpeed init), 0.5 s per checkpoint of a small model.
+# (imports, DeepSpeed init), 0.5 s per checkpoint of a small model. Wider models and batches use
+# the cores better, so for them it is an upper bound: the default config (128 wide, 16 x 128
+# tokens) is estimated at 14.5 minutes and took 78 s on 2 idle cores.
 CPU_FLOPS_PER_S, CPU_STEP_S, CPU_RUN_S, CPU_CHECKPOINT_S = 10e9, 0.02, 10.0, 0.5
 
 
@@ -62,8 +64,8 @@ class Cost:
         """The one line the user confirms against."""
         total, longest = sum(self.seconds.values()), max(self.seconds.values(), default=0)
         head = f"cost: {len(self.seconds)} of {len(runs)} runs to do, {self.flops:.2e} FLOPs"
-        if not self.gpu:
-            return f"{head}, about {total / 60:,.1f} minutes {self.note}"
+        if not self.gpu:  # a bound: see CPU_FLOPS_PER_S
+            return f"{head}, at most about {total / 60:,.1f} minutes {self.note}"
         hours = f"{total / 3600:,.1f} GPU-hours {self.note}"
         return f"{head}, {hours} (longest run {longest / 3600 / ranks:,.1f} h on {ranks} GPU(s))"
 
@@ -84,5 +86,5 @@ def estimate(runs: list[Run], sweep: Sweep, ranks: int = 1, cpu_flops: float = 0
         for n, (f, steps, saves) in work.items()
     }
     note = f"on this CPU, in turn ({cpu_flops / 1e9:g} GFLOP/s, {CPU_STEP_S:g} s/step, "
-    note += f"{CPU_RUN_S:g} s/run)"
+    note += f"{CPU_RUN_S:g} s/run: a bound, wide models run faster; --cpu-gflops sets the rate)"
     return Cost(flops, seconds, False, note)

@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed.distributed_c10d as c10d
 
+from configs import ConfigError
+
 HEARTBEAT_S = 1.0  # seconds between heartbeat ticks
 PROBE_S = 4 * HEARTBEAT_S  # how long a failed rank watches the counters
 STORE_TIMEOUT = timedelta(seconds=10)  # the heartbeat's store client gives up after this
@@ -45,7 +47,7 @@ def pick_device(preference: str) -> torch.device:
     """This rank's device: `cuda:LOCAL_RANK` when it sees all of the node's GPUs (torchrun,
     `srun --gpus-per-node`), `cuda:0` when it sees one (`srun --gpus-per-task=1`)."""
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible (use run.device=cpu)")
+        raise ConfigError("run.device=cuda but no CUDA device is visible (use run.device=cpu)")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()

@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -242,6 +243,8 @@ def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, float):
+        if not math.isfinite(value):  # refused when the run's config is validated
+            return str(value)
         if value == 0 or (value.is_integer() and abs(value) < 1e6):
             return str(int(value))
         if 1e-2 <= abs(value) < 1e6:

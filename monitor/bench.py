@@ -71,7 +71,7 @@ def build_steps(cfg: TrainConfig) -> tuple[dict[str, Callable[[], None]], Callab
     """One step function per setting, all training the same model, as `train.run` builds it;
     and a function that closes the run record."""
     env = init_distributed(cfg.run.device)
-    record = RunRecord(Path(cfg.run.out_dir) / cfg.run.name, cfg, env, resuming=False)
+    record = RunRecord(Path(cfg.run.out_dir) / cfg.run.name, cfg, env, previous=None)
     torch.manual_seed(cfg.run.seed)
     model = GPT(cfg.model)
     flops_per_token = model.flops_per_token()

@@ -35,6 +35,10 @@ class DivergenceConfig(Section):
     evidence_steps: int = Field(32, ge=1, description="steps of telemetry kept in each event")
     rollback_skip_batches: int = Field(200, ge=0, description="batches skipped after a rollback")
     max_rollbacks: int = Field(3, ge=0, description="rollbacks before the run stops")
+    diagnose: bool = Field(
+        False,
+        description="after a divergence stop, run `monitor.diagnose` on it (replays: minutes)",
+    )
 
 
 class TelemetryConfig(Section):

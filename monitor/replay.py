@@ -130,7 +130,12 @@ def replay(run_dir: str | Path, index: int) -> ReplayPlan:
 
 
 def recorded_losses(run_dir: str | Path, index: int) -> dict[int, float]:
-    """The run's loss at each step on the trajectory that led to detection `index`.
+    """The run's loss at each step on the trajectory that led to detection `index`."""
+    return recorded_values(run_dir, index, "loss")
+
+
+def recorded_values(run_dir: str | Path, index: int, key: str) -> dict[int, float]:
+    """The run's `key` (loss, grad_norm) at each step on the trajectory to detection `index`.
 
     From the detection's evidence window (every step) and metrics.jsonl (log steps). After a
     rollback steps repeat: only the lines written between the rollbacks around the detection
@@ -144,20 +149,25 @@ def recorded_losses(run_dir: str | Path, index: int) -> dict[int, float]:
     before = [e["time"] for e in events[:position] if e["kind"] == "rollback"]
     after = [e["time"] for e in events[position:] if e["kind"] == "rollback"]
     start, end = (before[-1] if before else -math.inf), (after[0] if after else math.inf)
-    losses = {}
+    values = {}
     for line in read_jsonl(run_dir / "metrics.jsonl"):
-        if "loss" in line and start < line["time"] <= end and line["step"] <= event["step"]:
-            losses[line["step"]] = _number(line["loss"])
+        if key in line and start < line["time"] <= end and line["step"] <= event["step"]:
+            values[line["step"]] = _number(line[key])
     for record in event.get("evidence", []):
-        if "loss" in record:
-            losses[record["step"]] = _number(record["loss"])
-    return dict(sorted(losses.items()))
+        if key in record:
+            values[record["step"]] = _number(record[key])
+    return dict(sorted(values.items()))
 
 
 def replayed_losses(replay_dir: str | Path) -> dict[int, float]:
     """The loss at each step of a replay directory's metrics.jsonl."""
+    return replayed_values(replay_dir, "loss")
+
+
+def replayed_values(replay_dir: str | Path, key: str) -> dict[int, float]:
+    """`key` at each step of a replay directory's metrics.jsonl (the last line of a step)."""
     lines = read_jsonl(Path(replay_dir) / "metrics.jsonl")
-    return {line["step"]: _number(line["loss"]) for line in lines if "loss" in line}
+    return {line["step"]: _number(line[key]) for line in lines if key in line}
 
 
 def _number(value: float | str) -> float:

@@ -1,5 +1,6 @@
 """The run's record: config.yaml, metrics, events and summary on rank 0, mirrored to wandb."""
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -48,25 +49,50 @@ def wandb_group(cfg: TrainConfig) -> str:
     return f"{m.n_layer}L{m.n_embd}C-{o.name}-{cfg.precision}-wd{o.weight_decay:g}-lr{o.lr:g}"
 
 
-class RunRecord:
-    """Everything a run writes about itself; silent on ranks other than 0."""
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The run directory's summary.json, or None if it has none (or none that reads)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, env: DistEnv, resuming: bool):
+
+def is_complete(summary: dict[str, Any] | None, cfg: TrainConfig) -> bool:
+    """Whether a run with this summary has already trained all of `cfg`'s steps."""
+    return (
+        summary is not None
+        and summary.get("status") == "completed"
+        and summary.get("steps") == cfg.train.max_steps
+    )
+
+
+class RunRecord:
+    """Everything a run writes about itself; silent on ranks other than 0.
+
+    `previous` is the summary of the run being resumed: its final losses stand until this
+    process logs new ones, and a failure before this process has written a summary leaves a
+    completed one as it is.
+    """
+
+    def __init__(
+        self, run_dir: Path, cfg: TrainConfig, env: DistEnv, previous: dict[str, Any] | None
+    ):
         self.active = env.is_main
         self.run_dir = run_dir
         self.cfg = cfg
         self.sinks: list[Any] = []
         self.progress: Progress | None = None
         self.first_detection_step: int | None = None
-        self.final_loss: float | None = None
-        self.final_val_loss: float | None = None
+        self.previous = previous or {}
+        self.written: dict[str, Any] | None = None  # the last summary this process wrote
+        self.final_loss: float | None = self.previous.get("final_loss")
+        self.final_val_loss: float | None = self.previous.get("final_val_loss")
         if not self.active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = {**cfg.model_dump(mode="json"), "meta": versions(env.world_size)}
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        self.sinks.append(RunFiles(run_dir))
-        if cfg.wandb.mode != "disabled":
+        if cfg.wandb.mode != "disabled":  # first: a wandb that cannot start changes no file
             self.sinks.append(
                 WandbSink(
                     cfg.wandb,
@@ -77,6 +103,8 @@ class RunRecord:
                     group=wandb_group(cfg),
                 )
             )
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        self.sinks.append(RunFiles(run_dir))
 
     def message(self, text: str) -> None:
         if self.active:
@@ -117,13 +145,32 @@ class RunRecord:
             "first_divergence_step": watch.first_detection_step,
             "time": time.time(),
         }
+        self._write(summary)
+        return summary
+
+    def _write(self, summary: dict[str, Any]) -> None:
         if self.active:
             for sink in self.sinks:
                 sink.summary(summary)
-        return summary
+            self.written = summary
+
+    def fail(self, err: BaseException) -> None:
+        """After an exception: summary `failed` with the error, then close everything.
+
+        A completed run's summary is left as it is when this process has not written one yet
+        (a rerun that failed at start-up did not change the run).
+        """
+        if self.written is not None or self.previous.get("status") != "completed":
+            empty = {"steps": 0, "divergences": 0, "first_divergence_step": None}
+            failed = {**empty, **self.previous, **(self.written or {}), "status": "failed"}
+            failed.update(final_loss=self.final_loss, final_val_loss=self.final_val_loss)
+            self._write({**failed, "error": f"{type(err).__name__}: {err}", "time": time.time()})
+        self.close()
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
+            self.progress = None
         for sink in self.sinks:
             sink.close()
+        self.sinks = []

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from configs import ConfigError
 from monitor.config import WandbConfig
 from monitor.detectors import json_safe
 
@@ -91,18 +92,25 @@ class WandbSink:
         os.environ.setdefault("WANDB_SILENT", "true")
         self._wandb = wandb
         self._counts: dict[str, int] = {}
-        self.run = wandb.init(
-            project=cfg.project,
-            group=group or cfg.group,
-            name=name,
-            id=wandb_run_id(run_dir),
-            resume="allow",
-            dir=str(run_dir),
-            mode=cfg.mode,
-            config=config,
-            tags=tags + cfg.tags,
-            settings=wandb.Settings(console="off", x_disable_stats=True),
-        )
+        try:
+            self.run = wandb.init(
+                project=cfg.project,
+                group=group or cfg.group,
+                name=name,
+                id=wandb_run_id(run_dir),
+                resume="allow",
+                dir=str(run_dir),
+                mode=cfg.mode,
+                config=config,
+                tags=tags + cfg.tags,
+                settings=wandb.Settings(console="off", x_disable_stats=True),
+            )
+        except wandb.errors.Error as err:  # no credentials, no network: the user's to fix
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"wandb.mode={cfg.mode} could not start wandb ({first}): run `wandb login` or "
+                "set WANDB_API_KEY, or use wandb.mode=offline (sync later) or disabled"
+            ) from None
 
     def metrics(self, line: dict[str, Any]) -> None:
         step = line["step"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -298,6 +299,26 @@ def _sensitivity_section(groups: Sequence[LRGroup], out: Path) -> tuple[str, lis
     return text, [csv_path, plot_path]
 
 
+def diagnoses_section(runs: Sequence[Run], run_labels: Sequence[str], out: Path) -> str | None:
+    """A line per `diagnosis` event (`python -m monitor.diagnose`), linking its report."""
+    items = []
+    for run, text in zip(runs, run_labels, strict=True):
+        for e in run.events:
+            if e.get("kind") != "diagnosis":
+                continue
+            head = f"- {text}: detection {e.get('event')} at step {e['step']}: "
+            if e.get("status") == "failed":
+                items.append(head + f"the diagnosis failed ({e.get('error')})")
+                continue
+            report = run.path / f"diagnosis-{e.get('event')}" / "report.md"
+            link = os.path.relpath(report.resolve(), out.resolve())
+            items.append(
+                head + f"{e.get('cause')} ({e.get('confidence')} confidence), likely "
+                f"{e.get('mechanism')}: [report]({link})"
+            )
+    return "## Diagnoses\n\n" + "\n".join(items) + "\n" if items else None
+
+
 def report(runs: Sequence[Run], out: Path, smooth: float = 0.0) -> tuple[list[Path], list[str]]:
     """Write every plot and table for `runs` into `out`; return the paths written and notes."""
     out.mkdir(parents=True, exist_ok=True)
@@ -379,6 +400,9 @@ def report(runs: Sequence[Run], out: Path, smooth: float = 0.0) -> tuple[list[Pa
         f" ({marker_text}).\n\n"
         + "\n".join(f"### {title}\n\n![{title}]({path.name})\n" for title, path in plots if path),
     ]
+    diagnosed = diagnoses_section(runs, run_labels, out)
+    if diagnosed:
+        sections.append(diagnosed)
     groups, group_notes = lr_groups(runs)
     notes += group_notes
     if groups:

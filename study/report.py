@@ -492,7 +492,6 @@ def build_report(
     `per_sweep` adds study.compare's report of each directory given; `plots=False` writes the
     numbers only (report.md then has no figures).
     """
-    out.mkdir(parents=True, exist_ok=True)
     by_arg = [(arg, load_runs([arg])) for arg in args]
     runs, seen = [], set()
     for _, arg_runs in by_arg:
@@ -501,7 +500,14 @@ def build_report(
                 seen.add(run.path.resolve())
                 runs.append(run)
     notes = [f"{run.name}: {note}" for run in runs for note in run.notes]
-    items = [facts(run) for run in runs]
+    if not any(run.metrics for run in runs):
+        raise StudyError(
+            f"no run in {', '.join(map(str, args))} has training metrics (metrics.jsonl): "
+            "nothing to report; train the runs first"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    notes += [f"{run.name}: no training metrics, left out" for run in runs if not run.metrics]
+    items = [facts(run) for run in runs if run.metrics]
     notes += [f"{f.run.name}: no `{WD}`, left out of the claims" for f in items if math.isnan(f.wd)]
     items = [f for f in items if not math.isnan(f.wd)]
     sweeps, written, names = [], [], set()

@@ -17,6 +17,18 @@ def dist_env():
     return init_distributed("cpu")
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny run `python train.py` trained to its end: 5 steps, checkpoints every 2 (so step 5
+    is the end-of-run save). Made once; tests must leave it as it is (copy it to change it)."""
+    from tests.helpers import finished_run_args, run_cli
+
+    run_dir = tmp_path_factory.mktemp("finished") / "tiny"
+    proc = run_cli(*finished_run_args(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

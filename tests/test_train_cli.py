@@ -2,36 +2,28 @@
 directory from a tiny config. Also: the README's config-key table is the schema's."""
 
 import json
-import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from checkpoint.export import consolidated_state_dict
 from configs import key_table
 from configs.readme import END, START, render, table_block
-from tests.helpers import tiny_overrides
+from tests.helpers import ROOT, cli_env, finished_run_args, run_cli, tiny_overrides, tree_hash
 
-ROOT = Path(__file__).resolve().parents[1]
-# A process group set up earlier in this pytest process (the `dist_env` fixture) leaves its
-# rendezvous in os.environ; a child must make its own.
-RENDEZVOUS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-ENV = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-ENV.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1")
 STEPS = 10
 
 
-def train(*args: str, timeout_s: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", *map(str, args)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
+def train(*args: object) -> subprocess.CompletedProcess:
+    return run_cli("train.py", *args)
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -133,3 +125,123 @@ def test_readme_script_rewrites_only_the_block():
     assert render(fresh) == fresh
     with pytest.raises(ValueError, match="config-keys"):
         render("no markers here")
+
+
+# --- a run's end, reruns, fresh starts (tests share one finished 5-step run) ---------------
+
+
+def test_the_final_weights_are_saved_and_export_names_their_step(finished_run):
+    """max_steps=5 is no multiple of checkpoint.interval=2: the end of the run saves step 5."""
+    ckpts = finished_run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000005"
+    events = [json.loads(line) for line in (finished_run / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "checkpoint"] == [2, 4, 5]
+    with tempfile.TemporaryDirectory() as out:
+        proc = run_cli("-m", "checkpoint.export", finished_run, "--to", "torch", "--out", out)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"exported step 5 ({ckpts / 'step_00000005'}) to {out}" in proc.stdout
+        exported = torch.load(Path(out) / "model.pt", weights_only=True)
+    trained = consolidated_state_dict(ckpts / "step_00000005")
+    before = consolidated_state_dict(ckpts / "step_00000004")
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert not all(torch.equal(before[k], trained[k]) for k in trained)
+
+
+def test_a_finished_run_rerun_is_complete_and_unchanged(finished_run, tmp_path):
+    """The same command says the run is complete and writes nothing; a rerun that fails at
+    start-up (here: a data_dir that is a file) leaves the completed summary as it was."""
+    before = tree_hash(finished_run)
+    proc = run_cli(*finished_run_args(finished_run))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{finished_run} is complete (5 steps): nothing to do" in proc.stdout
+    assert tree_hash(finished_run) == before
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(finished_run, copy)
+    summary = (copy / "summary.json").read_bytes()
+    (tmp_path / "x").write_text("")
+    proc = run_cli(
+        *finished_run_args(copy, **{"train.max_steps": 7, "data.data_dir": tmp_path / "x"})
+    )
+    assert proc.returncode != 0
+    assert (copy / "summary.json").read_bytes() == summary
+    assert json.loads(summary)["final_loss"] is not None
+
+
+def test_resume_never_over_a_run_is_refused_or_moves_it_aside(finished_run, tmp_path):
+    copy = tmp_path / "tiny"
+    shutil.copytree(finished_run, copy)
+    before = tree_hash(copy)
+    line = one_line_error(run_cli(*finished_run_args(copy, **{"checkpoint.resume": "never"})))
+    assert f"{copy} already holds a run" in line and "run.move_aside=true" in line
+    assert tree_hash(copy) == before
+
+    fresh = {"checkpoint.resume": "never", "run.move_aside": "true", "train.max_steps": 2}
+    proc = run_cli(*finished_run_args(copy, **fresh))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    aside = tmp_path / "tiny.old-1"
+    assert tree_hash(aside) == {k.replace(str(copy), str(aside)): v for k, v in before.items()}
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    assert sorted(p.name for p in (copy / "checkpoints").glob("step_*")) == [
+        "step_00000000",
+        "step_00000002",
+    ]
+
+
+def test_run_name_must_stay_inside_out_dir(tmp_path):
+    for name in ("../escape", "a/../../b"):  # more in tests/test_cli_errors.py
+        line = one_line_error(train(f"run.out_dir={tmp_path / 'runs'}", f"run.name={name}"))
+        assert f"run.name '{name}' must be a plain relative path inside run.out_dir" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_hyperparameters_are_refused(tmp_path):
+    line = one_line_error(train(f"run.out_dir={tmp_path}", "optim.lr=inf"))
+    assert "'optim.lr'" in line and "finite number" in line
+    line = one_line_error(train(f"run.out_dir={tmp_path}", "divergence.spike_sigma=.nan"))
+    assert "'divergence.spike_sigma'" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_and_a_section_given_a_value(tmp_path):
+    proc = train("--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "usage: python train.py [CONFIG.yaml]" in proc.stdout and "`optim.lr`" in proc.stdout
+    (tmp_path / "five.yaml").write_text("train: 5\n")
+    line = one_line_error(train(tmp_path / "five.yaml"))
+    expected = "'train' is a section of keys (such as train.max_steps), not a value: got 5"
+    assert line == f"error: {expected}"
+
+
+def test_ctrl_c_saves_and_stops(tmp_path):
+    """SIGINT is handled like SIGTERM: a checkpoint at the next step, status `stopped`, exit 130;
+    the same command then resumes from that checkpoint."""
+    run_dir = tmp_path / "cc"
+    args = finished_run_args(run_dir, **{"train.max_steps": 300, "checkpoint.interval": 100})
+    proc = subprocess.Popen(
+        [sys.executable, *map(str, args)], cwd=ROOT, env=cli_env(), stderr=subprocess.PIPE
+    )
+    metrics = run_dir / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr.decode()[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped" and 2 <= summary["steps"] < 300
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["signal"] for e in events if e["kind"] == "preempt"] == ["SIGINT"]
+    tag = f"step_{summary['steps']:08d}"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag
+
+
+def test_a_failing_run_closes_its_record_with_the_error(tmp_path):
+    """An exception once the run record is open: summary `failed`, with the error in it."""
+    run_dir = tmp_path / "broken"
+    (tmp_path / "not_a_dir").write_text("")
+    proc = run_cli(*finished_run_args(run_dir, **{"data.data_dir": tmp_path / "not_a_dir"}))
+    assert proc.returncode == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 0
+    assert "not_a_dir" in summary["error"]

@@ -10,13 +10,17 @@ import pytest
 import torch
 
 from checkpoint.config import CheckpointConfig
+from checkpoint.export import consolidated_state_dict
 from checkpoint.manager import (
     HARNESS_FILE,
     KEEP_FILE,
     MANIFEST_FILE,
     Checkpointer,
     CheckpointError,
+    load_rng_file,
     needs_universal,
+    rng_state,
+    set_rng_state,
     tag_for,
 )
 from checkpoint.preemption import PreemptionFlag
@@ -166,8 +170,13 @@ def test_select_resume_skips_unreadable_harness_but_never_starts_afresh(tmp_path
     (ckpt.dir / tag_for(0) / HARNESS_FILE).unlink()
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="none has a readable"):
         select_resume(ckpt, cfg, 1)
-    cfg.checkpoint.resume = "never"
-    assert select_resume(ckpt, cfg, 1) == []
+    cfg.checkpoint.resume = "never"  # a fresh start over them: refused, or the run moved aside
+    with pytest.raises(CheckpointError, match="already holds a run .checkpoints.; checkpoint"):
+        select_resume(ckpt, cfg, 1)
+    cfg.run.move_aside = True
+    with pytest.warns(UserWarning, match="moved the earlier run"):
+        assert select_resume(ckpt, cfg, 1) == []
+    assert not ckpt.dir.exists() and (tmp_path / "run.old-1" / "checkpoints" / tag_for(2)).is_dir()
 
 
 def test_changed_keys_allow_harmless_and_world_size_changes():
@@ -211,3 +220,33 @@ def test_preemption_flag_catches_the_scheduler_signals(sig):
     finally:
         flag.uninstall()
     assert signal.getsignal(sig) == before
+
+
+class _Payload:
+    """Unpickling it creates a file: what a checkpoint from elsewhere could make torch.load do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_rng_and_zero0_weights_load_weights_only(tmp_path):
+    """RNG states load weights-only (numpy's generator state allowed), so a planted object is a
+    one-line CheckpointError and runs nothing; so does a ZeRO 0 model file given to export."""
+    good = tmp_path / "rng_rank0.pt"
+    torch.save(rng_state(), good)
+    set_rng_state(load_rng_file(good))
+    marker = tmp_path / "ran"
+    torch.save({"torch": _Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt is not a loadable RNG state"):
+        load_rng_file(tmp_path / "evil.pt")
+
+    ckpt = tmp_path / "checkpoints" / tag_for(3)
+    ckpt.mkdir(parents=True)
+    (ckpt / HARNESS_FILE).write_text(json.dumps({"zero_stage": 0, "step": 3}))
+    torch.save({"module": _Payload(marker)}, ckpt / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="cannot consolidate checkpoint .*Weights only"):
+        consolidated_state_dict(ckpt)
+    assert not marker.exists()

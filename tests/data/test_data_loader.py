@@ -165,10 +165,14 @@ def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"odd size \(3 bytes\)"):
         open_tokens(tmp_path / "odd.bin")
     big = _write(tmp_path / "big.bin", np.array([1, 2, 50257, 3]))
-    with pytest.raises(DataError, match="token id 50257 >= vocab_size 50257"):
+    with pytest.raises(
+        DataError, match="token id 50257 >= model.vocab_size 50257: set model.vocab_size=50304"
+    ):
         open_tokens(big)
     assert open_tokens(big, vocab_size=50304).tolist() == [1, 2, 50257, 3]
-    with pytest.raises(DataError, match="token id 9 >= vocab_size 5"):
+    with pytest.raises(
+        DataError, match="token id 9 >= model.vocab_size 5: set model.vocab_size=64"
+    ):
         BatchLoader(np.array([1, 9, 2]), block_size=1, micro_batch_size=1, vocab_size=5)
     short = _write(tmp_path / "short.bin", np.arange(8))
     with pytest.raises(DataError, match="8 tokens, fewer than block_size \\+ 1 = 9"):

@@ -110,11 +110,33 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_refuses_a_non_empty_directory_that_is_not_a_dataset(tmp_path: Path) -> None:
+    """--force replaces a prepared dataset only: never another directory, or a file."""
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.txt").write_text("keep me")
-    with pytest.raises(DataError, match="not an empty directory; pass --force"):
-        prepare(_write_mixed_dir(tmp_path / "in"), tmp_path / "out")
+    (tmp_path / "file").write_text("keep me too")
+    src = _write_mixed_dir(tmp_path / "in")
+    for force in (False, True):
+        with pytest.raises(DataError, match="not a prepared dataset .no meta.json.; --force"):
+            prepare(src, tmp_path / "out", force=force)
+        with pytest.raises(DataError, match="not a prepared dataset"):
+            prepare(src, tmp_path / "file", force=force)
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
+    assert (tmp_path / "file").read_text() == "keep me too"
+
+
+def test_force_never_deletes_an_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`prepare d --out d --force` (or --out a parent of an input) refuses and keeps the input,
+    even where the directory also holds an earlier prepared dataset."""
+    src = _write_mixed_dir(tmp_path / "d")
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    for out, sources in ((src, [src]), (tmp_path, [src / "doc00.txt"]), (src, [src / "sub"])):
+        assert main([*map(str, sources), "--out", str(out), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} holds the input ") and err.count("\n") == 1
+    (src / "meta.json").write_text("{}")  # looks prepared: still an input directory
+    assert main([str(src / "doc00.txt"), "--out", str(src), "--force"]) == 2
+    (src / "meta.json").unlink()
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
 
 
 def test_bad_file_midway_leaves_nothing_finished(tmp_path: Path) -> None:
@@ -276,3 +298,12 @@ def test_a_full_hub_dataset_is_not_warned_about(tmp_path: Path, capsys) -> None:
     assert _meta(tmp_path / "full")["source"] == "datasets.load_dataset('json')"
     prepare(HubSource("json", kwargs, expected_documents=41), tmp_path / "short", val_fraction=0.1)
     assert "warning: datasets.load_dataset('json') (40 of 41 documents)" in capsys.readouterr().err
+
+
+def test_a_non_utf8_jsonl_line_is_a_one_line_error(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(json.dumps({"text": DOCS[0]}).encode() + b'\n{"text": "\xff"}\n')
+    with pytest.raises(DataError, match=r"a\.jsonl:2: not UTF-8 \(invalid start byte at byte 10\)"):
+        prepare(src, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

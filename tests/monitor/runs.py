@@ -6,10 +6,14 @@ while the loss curve, its noise and the grad norms are those of real text.
 """
 
 import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from data.builtin import prepare_builtin
 
@@ -33,6 +37,15 @@ def small_vocab_corpus(out_dir: Path, vocab_size: int = VOCAB) -> Path:
     meta = {"tokenizer": f"gpt2, top {vocab_size - 1} tokens", "vocab_size": vocab_size}
     (out_dir / "meta.json").write_text(json.dumps({**meta, "splits": splits}))
     return out_dir
+
+
+# A learning rate far too high, at once: the run blows up within a few steps.
+LR_BLOW_UP: dict[str, object] = {
+    "optim.lr": 3,
+    "optim.warmup_steps": 0,
+    "optim.schedule": "constant",
+    "optim.grad_clip": 0,
+}
 
 
 def overrides(run_dir: Path, corpus: Path, **extra: object) -> list[str]:
@@ -63,6 +76,42 @@ def run(run_dir: Path, corpus: Path, stop_step: int | None = None, **extra: obje
     from configs import load_config
 
     return train.run(load_config(None, overrides(run_dir, corpus, **extra)), stop_step)
+
+
+def blow_up(run_dir: Path, corpus: Path, checkpoint_interval: int) -> dict:
+    """20 healthy steps, then the run resumed at `LR_BLOW_UP` under the `stop` policy."""
+    run(run_dir, corpus, 20, **{"checkpoint.interval": 10})
+    hot = {
+        **LR_BLOW_UP,
+        "checkpoint.force_resume": True,
+        "checkpoint.interval": checkpoint_interval,
+        "divergence.policy": "stop",
+    }
+    return run(run_dir, corpus, **hot)
+
+
+@contextmanager
+def nan_in_the_next_gradient() -> Iterator[None]:
+    """A NaN in one entry of the logits' gradient of the next training forward, that one only
+    (a torch forward hook on the model, removed at its first use)."""
+    from model import GPT
+
+    def nan_into_one_gradient_entry(module, args, output):
+        if isinstance(module, GPT) and module.training:
+            handle.remove()
+
+            def poison(grad: torch.Tensor) -> torch.Tensor:
+                grad = grad.clone()
+                grad[0, 0, 0] = math.nan
+                return grad
+
+            output.logits.register_hook(poison)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(nan_into_one_gradient_entry)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

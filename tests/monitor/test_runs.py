@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint.manager import KEEP_FILE, MANIFEST_FILE, file_crc32
+from checkpoint.manager import KEEP_FILE, MANIFEST_FILE, CheckpointError, file_crc32
 from data.loader import BatchLoader
 from model import GPT
 from tests.monitor import runs
@@ -121,24 +121,10 @@ def test_nan_in_a_gradient_is_nonfinite_and_withheld_and_training_goes_on(tmp_pa
     run_dir, step = tmp_path / "nan", 10
     runs.run(run_dir, corpus, step - 1, **{"checkpoint.interval": step - 1})
 
-    def nan_into_one_gradient_entry(module, args, output):
-        if isinstance(module, GPT) and module.training:
-            handle.remove()  # this one step only
-
-            def poison(grad: torch.Tensor) -> torch.Tensor:
-                grad = grad.clone()
-                grad[0, 0, 0] = math.nan
-                return grad
-
-            output.logits.register_hook(poison)
-
-    handle = torch.nn.modules.module.register_module_forward_hook(nan_into_one_gradient_entry)
-    try:
+    with runs.nan_in_the_next_gradient():
         summary = runs.run(
             run_dir, corpus, step + 2, **{"checkpoint.interval": 1, "checkpoint.keep_last": 3}
         )
-    finally:
-        handle.remove()
 
     found = runs.detections(run_dir)
     assert [(e["step"], e["kind"], e["metric"]) for e in found] == [
@@ -157,20 +143,13 @@ def test_nan_in_a_gradient_is_nonfinite_and_withheld_and_training_goes_on(tmp_pa
     assert same(states[0], states[1]) and not same(states[1], states[2])
 
 
-def test_learning_rate_blow_up_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
-    """20 healthy steps, then the run is resumed with lr=3, no warmup, no clipping."""
+def test_learning_rate_blow_up_stops_the_run_and_a_restart_resumes_the_last_good_checkpoint(
+    tmp_path, corpus
+):
+    """20 healthy steps, then the run is resumed with lr=3, no warmup, no clipping; then the
+    same command again."""
     run_dir = tmp_path / "blowup"
-    runs.run(run_dir, corpus, 20, **{"checkpoint.interval": 10})
-    hot = {
-        "optim.lr": 3,
-        "optim.warmup_steps": 0,
-        "optim.schedule": "constant",
-        "optim.grad_clip": 0,
-        "checkpoint.force_resume": True,
-        "checkpoint.interval": 10,
-        "divergence.policy": "stop",
-    }
-    summary = runs.run(run_dir, corpus, **hot)
+    summary = runs.blow_up(run_dir, corpus, checkpoint_interval=10)
 
     found = runs.detections(run_dir)
     assert found, "lr=3 went unnoticed"
@@ -194,6 +173,33 @@ def test_learning_rate_blow_up_stops_the_run_and_keeps_the_last_good_checkpoint(
     resumed = runs.run(healthy, corpus, 22, **{"checkpoint.resume": kept[0]})
     assert resumed["status"] == "completed" and runs.detections(healthy) == []
     assert runs.metrics(healthy)[21]["loss"] == runs.metrics(run_dir)[21]["loss"]
+
+    # The restart. The diverged state is kept beside the checkpoints, never resumed by default:
+    # the same command again resumes from the pinned last good one (a `resume` event says why),
+    # a config change still needs force_resume, and checkpoint.resume=PATH loads the diverged one.
+    ckpts = run_dir / "checkpoints"
+    diverged = ckpts / f"diverged_step_{first:08d}"
+    assert (diverged / "harness.json").is_file()
+    assert runs.events(run_dir, "stop")[-1]["path"] == str(diverged)
+    assert (ckpts / "latest").read_text().strip() == "step_00000020"
+
+    again = runs.run(run_dir, corpus, **hot)  # the same command: the same detection, again
+    resume = runs.events(run_dir, "resume")[-1]
+    assert resume["path"] == str(ckpts / "step_00000020") and resume["step"] == 20
+    assert f"divergence stop at step {first}" in resume["reason"]
+    assert again["status"] == "diverged" and again["steps"] == first
+    assert diverged.is_dir() and (ckpts / "step_00000020" / KEEP_FILE).is_file()
+
+    with pytest.raises(CheckpointError, match="optim.lr"):  # the guard stays: 1e-3 -> 1e-2
+        runs.run(run_dir, corpus, **{"checkpoint.interval": 10, "optim.lr": 0.01})
+    calm = runs.run(run_dir, corpus, first + 1, **{"checkpoint.interval": 10})  # step 20's lr
+    assert calm["status"] == "completed" and runs.detections(run_dir)[-1]["step"] == first
+    assert runs.events(run_dir, "resume")[-1]["path"] == str(ckpts / "step_00000020")
+    assert runs.metrics(run_dir)[21]["loss"] == runs.metrics(healthy)[21]["loss"]
+    explicit = runs.run(run_dir, corpus, first + 1, **{**hot, "checkpoint.resume": diverged})
+    assert runs.events(run_dir, "resume")[-1]["path"] == str(diverged)
+    assert runs.events(run_dir, "resume")[-1]["reason"] == "checkpoint.resume names it"
+    assert explicit["steps"] == first + 1
 
 
 def scale_attention(checkpoint: Path, layer: int, factor: float) -> None:
@@ -319,10 +325,7 @@ def test_wandb_offline_run_has_the_config_group_tags_and_event_fields(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(run_dir))
     hot = {
-        "optim.lr": 3,
-        "optim.warmup_steps": 0,
-        "optim.schedule": "constant",
-        "optim.grad_clip": 0,
+        **runs.LR_BLOW_UP,
         "divergence.policy": "stop",
         "wandb.mode": "offline",
         "wandb.tags": "[study]",

@@ -175,7 +175,20 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "wd0-fp32",
         config_with(optim__weight_decay=0.0, precision="fp32"),
         lines,
-        [event(14, "spike"), event(15, "nonfinite", metric="loss", value="nan"), event(15, "stop")],
+        [
+            event(14, "spike"),
+            event(15, "nonfinite", metric="loss", value="nan"),
+            event(15, "stop"),
+            event(
+                14,
+                "diagnosis",
+                event=0,
+                status="done",
+                cause="state",
+                confidence="medium",
+                mechanism="optimizer",
+            ),
+        ],
         {
             "status": "diverged",
             "steps": 15,

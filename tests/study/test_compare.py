@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 import subprocess
 import sys
@@ -190,7 +191,7 @@ def test_summary_csv_values(sweep_report: Path) -> None:
     assert rows["wd0-fp32"]["precision"] == "fp32"
 
 
-def test_summary_md(sweep_report: Path) -> None:
+def test_summary_md(sweep_report: Path, sweep_dir: Path) -> None:
     text = (sweep_report / "summary.md").read_text()
     assert "Runs differ in: `optim.weight_decay`, `precision`." in text
     assert "| weight_decay=0 precision=fp32 | diverged | 15 | nan | - | 2 | 14 | 1,075 |" in text
@@ -199,6 +200,11 @@ def test_summary_md(sweep_report: Path) -> None:
         assert f"]({name}.png)" in text
     assert "LR sensitivity" not in text  # the LR does not vary
     assert "wd0.1-fp32: no summary.json" in text
+    link = os.path.relpath(sweep_dir / "wd0-fp32", sweep_report)
+    assert (
+        "## Diagnoses\n\n- weight_decay=0 precision=fp32: detection 0 at step 14: state (medium "
+        f"confidence), likely optimizer: [report]({link}/diagnosis-0/report.md)"
+    ) in text
 
 
 @pytest.mark.parametrize("name", SWEEP_PNGS)

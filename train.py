@@ -31,7 +31,7 @@ from configs import ConfigError, key_table, load_config
 from configs.schema import TrainConfig
 from data.loader import BatchLoader, resolve_dataset, validation_batches
 from data.prepare import DataError
-from launch.distributed import DistEnv, close_distributed, init_distributed
+from launch.distributed import DistEnv, close_distributed, init_distributed, lost_peer_error
 from model import GPT
 from monitor.divergence import DivergenceWatch
 from monitor.perf import Throughput
@@ -55,7 +55,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     """
     # -----------------------------------------------------------------------------------------
     # distributed init, run directory, the checkpoint to resume from
-    env = init_distributed(cfg.run.device)
+    env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = Checkpointer(run_dir, cfg.checkpoint, env.rank, env.world_size)
     resume_from = select_resume(ckpt, cfg, env.world_size)  # best first; [] starts afresh
@@ -125,7 +125,7 @@ def train_run(
         **shape,
     )
     val_batches = validation_batches(
-        data_dir / "val.bin", num_batches=cfg.data.eval_batches, **shape
+        data_dir / "val.bin", num_sequences=cfg.data.eval_sequences, **shape
     )
     tokens_per_step = loader.global_batch_size * cfg.model.block_size
     record.message(
@@ -239,7 +239,7 @@ def train_run(
         if (
             cfg.train.eval_interval and step % cfg.train.eval_interval == 0
         ) or step == cfg.train.max_steps:
-            val_loss = evaluate(engine, val_batches, env.device)
+            val_loss = evaluate(engine, val_batches, cfg.data.eval_sequences, env.device)
             record.metrics(
                 {"step": step, "tokens": tokens, "val_loss": val_loss, "time": time.time()}
             )
@@ -328,18 +328,23 @@ def train_step(engine, gate: UpdateGate, telemetry: Telemetry, batches, step: in
 
 @torch.no_grad()
 def evaluate(
-    engine, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    engine,
+    batches: list[tuple[tuple[torch.Tensor, torch.Tensor], int]],
+    num_sequences: int,
+    device: torch.device,
 ) -> float:
-    """Mean validation loss over the fixed batches of every rank."""
+    """Mean validation loss over the global set: each micro-batch's mean weighted by its real
+    sequences (the rest is padding), summed over ranks, divided by the set's size."""
     engine.module.eval()
     total = torch.zeros((), device=device)
-    for x, y in batches:
-        total += engine(x, y).loss.float()
+    for (x, y), sequences in batches:
+        loss = engine(x, y).loss.float()  # every rank runs every forward (ZeRO-3 gathers)
+        if sequences:  # padding only: its mean is 0/0
+            total += loss * sequences
     engine.module.train()
-    total /= len(batches)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.AVG)
-    return total.item()  # host sync
+        torch.distributed.all_reduce(total)
+    return total.item() / num_sequences  # host sync
 
 
 USAGE = """python train.py [CONFIG.yaml] [section.key=value ...]
@@ -355,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     2 a config, data or checkpoint the user must fix, 130 Ctrl-C, 1 anything else. Any other
     exception on any rank is reported as `rank N: Type: message` after its traceback, so that
     with several ranks the log says which one failed; the launcher (torchrun, srun) then stops
-    the others.
+    the others. A collective that failed because a peer is gone is one line naming the lost rank.
     """
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
@@ -374,8 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_rank_prefix()}error: interrupted before a checkpoint was saved", file=sys.stderr)
         return 130
     except Exception as err:
-        traceback.print_exc()
-        print(f"rank {os.environ.get('RANK', '0')}: {type(err).__name__}: {err}", file=sys.stderr)
+        lost = lost_peer_error(err)  # a collective that failed because a peer is gone
+        if lost is None:
+            traceback.print_exc()
+        rank = os.environ.get("RANK", "0")
+        print(lost or f"rank {rank}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     if summary["status"] == "stopped":  # Ctrl-C, saved: a shell's `&&` chain stops too
         return 130

@@ -20,6 +20,12 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda when available, else cpu"
     )
+    collective_timeout_s: float = Field(
+        180.0,
+        gt=0,
+        description="seconds a rank waits in a collective (or the rendezvous) for a lost peer "
+        "before failing; raise it if a large checkpoint's save or conversion takes longer",
+    )
     move_aside: bool = Field(
         False,
         description="with checkpoint.resume=never: move an existing run to <name>.old-N first",

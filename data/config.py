@@ -14,4 +14,9 @@ class DataConfig(Section):
     data_dir: str = Field(
         "data/cache", description="where 'builtin' and 'openwebtext' are prepared and looked up"
     )
-    eval_batches: int = Field(8, ge=1, description="fixed validation micro-batches per evaluation")
+    eval_sequences: int = Field(
+        128,
+        ge=1,
+        description="validation sequences per evaluation, in all ranks together: the same "
+        "set on any world size",
+    )

@@ -305,32 +305,40 @@ def validation_batches(
     *,
     block_size: int,
     micro_batch_size: int,
-    num_batches: int,
+    num_sequences: int,
     rank: int = 0,
     world_size: int = 1,
     vocab_size: int = VOCAB_SIZE,
     device: torch.device | str | None = None,
-) -> list[Batch]:
-    """The same `num_batches` micro-batches (x, y) for this rank at every evaluation.
+) -> list[tuple[Batch, int]]:
+    """This rank's share of the fixed validation set, as micro-batches (x, y) with the number of
+    real sequences in each.
 
-    `num_batches` is per rank, so every rank runs the same number of forwards (ZeRO-3 needs
-    that); the global set is `num_batches * world_size` micro-batches of windows spread evenly
-    over the split, rank r taking the r-th contiguous share. A split with fewer windows than
-    that repeats some.
+    The set is `num_sequences` windows spread evenly over the split, the same for any world size,
+    so the same weights give the same validation loss on 1 or N ranks. Rank r takes the r-th
+    contiguous share of ceil(num_sequences / world_size) of them, cut into micro-batches of at
+    most `micro_batch_size`: every rank runs the same number of forwards (ZeRO-3 needs that).
+    Positions past the end of the set (on the last ranks) are padding whose targets are -1, which
+    the loss ignores; weighting each micro-batch's mean loss by its real sequences makes the mean
+    over the set exact. A split with fewer windows than `num_sequences` repeats some.
     """
     _check_layout(
         block_size=block_size,
         micro_batch_size=micro_batch_size,
-        num_batches=num_batches,
+        num_sequences=num_sequences,
         rank=rank,
         world_size=world_size,
     )
     tokens = _load_tokens(source, vocab_size, block_size)
     num_windows = (len(tokens) - 1) // block_size
-    per_rank = num_batches * micro_batch_size
-    total = per_rank * world_size
-    window_ids = np.arange(rank * per_rank, (rank + 1) * per_rank) * num_windows // total
-    return [
-        _gather(tokens, window_ids[i : i + micro_batch_size], block_size, device, False)
-        for i in range(0, per_rank, micro_batch_size)
-    ]
+    per_rank = -(-num_sequences // world_size)
+    positions = np.arange(rank * per_rank, (rank + 1) * per_rank)
+    real = positions < num_sequences
+    window_ids = np.where(real, positions, 0) * num_windows // num_sequences
+    batches = []
+    for i in range(0, per_rank, micro_batch_size):
+        rows = slice(i, i + micro_batch_size)
+        x, y = _gather(tokens, window_ids[rows], block_size, device, False)
+        padding = torch.from_numpy(~real[rows]).to(y.device)
+        batches.append(((x, y.masked_fill(padding[:, None], -1)), int(real[rows].sum())))
+    return batches

@@ -42,6 +42,10 @@ SPLITS = ("train", "val")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 OPENWEBTEXT = "openwebtext"
 NGRAM = "ngram"
+OPENWEBTEXT_DOCUMENTS = 8_013_769  # the original release, as the hub's script dataset built it
+# The hub's dataset viewer keeps a Parquet conversion of a dataset on this branch; for a script
+# dataset (which `datasets` 4 and later refuse to run) it is the one copy the hub itself serves.
+PARQUET_REVISION = "refs/convert/parquet"
 _MAX_WRITE_SHARDS = 1024  # as nanoGPT: one write holds at most ~1/1024 of a split
 _MIN_SHARD_DOCS = 1000  # small splits: fewer shards, as each costs a few milliseconds
 _ARROW_BATCH_DOCS = 1000
@@ -56,12 +60,21 @@ class DataError(ValueError):
 class HubSource:
     """A dataset loaded by `datasets.load_dataset(name, num_proc=..., **kwargs)`.
 
-    `openwebtext` is `HubSource("openwebtext")`; tests run the same path offline with
-    `HubSource("json", {"data_files": ..., "cache_dir": ...})`.
+    With `parquet_fallback`, a failed load is tried again from the hub's Parquet conversion
+    (`revision=PARQUET_REVISION`). With `expected_documents`, loading fewer is warned about: the
+    conversion of a large dataset can be partial. `openwebtext` is `openwebtext_source()`; tests
+    run the same path offline with `HubSource("json", {"data_files": ..., "cache_dir": ...})`.
     """
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    parquet_fallback: bool = False
+    expected_documents: int | None = None
+
+
+def openwebtext_source(hub_name: str = OPENWEBTEXT) -> HubSource:
+    """OpenWebText from the hub (`hub_name`: another copy of it), or its Parquet conversion."""
+    return HubSource(hub_name, parquet_fallback=True, expected_documents=OPENWEBTEXT_DOCUMENTS)
 
 
 @dataclass(frozen=True)
@@ -193,9 +206,9 @@ def _install(work_dir: Path, out_dir: Path, force: bool, inputs: Sequence[Path])
 def _load(source: Source, arrow_dir: Path, num_proc: int) -> tuple["Dataset", str]:
     """Any source as a `datasets.Dataset` with a `text` column, plus a one-line description."""
     if source == OPENWEBTEXT:  # the string only: Path("openwebtext") is a local directory
-        source = HubSource(OPENWEBTEXT)
+        source = openwebtext_source()
     if isinstance(source, HubSource):
-        return _load_hub(source, num_proc), f"datasets.load_dataset({source.name!r})"
+        return _load_hub(source, num_proc)
     if isinstance(source, TextSource):
         return _texts_to_dataset(source.texts, arrow_dir, source.description), source.description
     paths = [source] if isinstance(source, str | Path) else list(source)
@@ -211,17 +224,32 @@ def _read_all(files: list[Path]) -> Iterator[str]:
             yield from _read(file)
 
 
-def _load_hub(source: HubSource, num_proc: int) -> "Dataset":
+def _load_hub(source: HubSource, num_proc: int) -> tuple["Dataset", str]:
+    """The `train` split's `text` column, and the call that loaded it."""
     import datasets
 
-    try:
-        loaded = datasets.load_dataset(source.name, num_proc=num_proc, **source.kwargs)
-    except (ConnectionError, FileNotFoundError, RuntimeError) as e:
-        # Offline, a renamed repo, or a script dataset that recent `datasets` refuses.
+    attempts = [source.kwargs]
+    if source.parquet_fallback:
+        attempts.append({**source.kwargs, "revision": PARQUET_REVISION})
+    # offline, a renamed repo, a script dataset (refused since datasets 4), no conversion
+    expected_errors = (ConnectionError, FileNotFoundError, RuntimeError)
+    expected_errors += (datasets.exceptions.DatasetsError,)
+    failures = []
+    for kwargs in attempts:
+        revision = f", revision={kwargs['revision']!r}" if "revision" in kwargs else ""
+        call = f"datasets.load_dataset({source.name!r}{revision})"
+        try:
+            loaded = datasets.load_dataset(source.name, num_proc=num_proc, **kwargs)
+            break
+        except expected_errors as e:
+            lines = str(e).strip().splitlines()
+            failures.append(f"{call} failed: {lines[0] if lines else type(e).__name__}")
+    else:
         raise DataError(
-            f"datasets.load_dataset({source.name!r}) failed: {e}; check the network, "
-            "or name another copy with --hub-name"
-        ) from e
+            "; ".join(failures) + "; check the network, name another copy with --hub-name, or "
+            "prepare from local files: python -m data.prepare FILES_OR_DIRS --out DIR "
+            "(.parquet with a 'text' column, .jsonl with a 'text' field, or .txt)"
+        )
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise DataError(f"dataset {source.name!r} has no 'train' split: {list(loaded)}")
@@ -230,7 +258,16 @@ def _load_hub(source: HubSource, num_proc: int) -> "Dataset":
         raise DataError(f"dataset {source.name!r} has no 'text' column: {loaded.column_names}")
     if len(loaded) == 0:
         raise DataError(f"empty input: dataset {source.name!r} has no documents")
-    return loaded.select_columns(["text"])
+    expected = source.expected_documents
+    if expected is not None and len(loaded) < expected:
+        call += f" ({len(loaded):,} of {expected:,} documents)"
+        print(
+            f"warning: {call}: {len(loaded) / expected:.1%} of the corpus (the hub's Parquet "
+            "conversion of a large dataset can be partial); for all of it, prepare from a full "
+            "copy (--hub-name, or local .parquet/.jsonl files)",
+            file=sys.stderr,
+        )
+    return loaded.select_columns(["text"]), call
 
 
 def _find_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -426,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sources == [NGRAM]:
         return _main_ngram(args)
-    sources = HubSource(args.hub_name) if args.sources == [OPENWEBTEXT] else args.sources
+    sources = openwebtext_source(args.hub_name) if args.sources == [OPENWEBTEXT] else args.sources
     try:
         out_dir = prepare(
             sources,

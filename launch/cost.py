@@ -46,7 +46,8 @@ def run_work(config: TrainConfig, ranks: int, steps_done: int = 0) -> tuple[floa
     evals = steps // t.eval_interval + 1 if t.eval_interval else 1
     fpt = flops_per_token(config.model.model_dump_json())
     flops = steps * sequences * t.grad_accum_steps * fpt
-    flops += evals * config.data.eval_batches * sequences * fpt / 3  # eval: forward only
+    # evaluation: a forward only, over the global validation set
+    flops += evals * config.data.eval_sequences * config.model.block_size * fpt / 3
     interval = config.checkpoint.interval
     return flops, steps, (steps // interval if interval else 0) + (steps_done == 0)
 

@@ -1,16 +1,28 @@
-"""Process-group setup shared by `python train.py`, torchrun and SLURM jobs."""
+"""Process-group setup shared by `python train.py`, torchrun and SLURM jobs, and telling which
+peer was lost when a collective fails.
+
+A rank that dies or hangs leaves the others in a collective until the process group's timeout
+(`run.collective_timeout_s`); a dead one's sockets close, which gloo reports at once. Either
+way the error says nothing about which rank is gone, so every rank of a multi-rank run ticks a
+heartbeat counter in the rendezvous store from a thread, and a rank whose collective failed
+looks for the counters that stopped.
+"""
 
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+import torch.distributed.distributed_c10d as c10d
 
 from configs import ConfigError
 
-# A rank that dies leaves the others blocked in a collective; this bounds how long they wait.
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+HEARTBEAT_S = 1.0  # seconds between heartbeat ticks
+PROBE_S = 4 * HEARTBEAT_S  # how long a failed rank watches the counters
+STORE_TIMEOUT = timedelta(seconds=10)  # the heartbeat's store client gives up after this
 
 
 @dataclass(frozen=True)
@@ -49,11 +61,12 @@ def pick_device(preference: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def init_distributed(preference: str) -> DistEnv:
+def init_distributed(preference: str, collective_timeout_s: float | None = None) -> DistEnv:
     """Join (or, alone, create) the process group: gloo on the CPU, nccl on GPUs.
 
     `python train.py` with no launcher gets a one-rank group on a free local port, so the code
-    path is the same for one rank and many.
+    path is the same for one rank and many. `collective_timeout_s` bounds every collective and
+    the rendezvous (None: torch's default); with several ranks the heartbeat starts.
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
@@ -67,11 +80,16 @@ def init_distributed(preference: str) -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=COLLECTIVE_TIMEOUT,
-            verbose=False,
-        )
+        timeout = {}
+        if collective_timeout_s is not None:
+            timeout["timeout"] = timedelta(seconds=collective_timeout_s)
+            # DeepSpeed makes its groups (ZeRO's copy of the world among them) with new_group
+            # and no timeout, which falls back to these module defaults (30 minutes for gloo)
+            c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout["timeout"]
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **timeout)
+        if int(os.environ["WORLD_SIZE"]) > 1:
+            _heartbeat.start(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     return DistEnv(
         rank=int(os.environ["RANK"]),
         local_rank=int(os.environ["LOCAL_RANK"]),
@@ -85,4 +103,101 @@ def close_distributed() -> None:
     abort in C++ ("terminate called without an active exception") and fail its launcher."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+        _heartbeat.leave()
         torch.distributed.destroy_process_group()
+
+
+class Heartbeat:
+    """This rank's counter `wdharness/heartbeat/<rank>` in the rendezvous store (the TCPStore at
+    MASTER_ADDR:MASTER_PORT, hosted by rank 0 or its torchrun agent), ticked by a daemon thread.
+
+    A rank that stops ticking without having set `wdharness/left/<rank>` (which a rank does when
+    it leaves, cleanly or after a failure) died, hangs or lost its node.
+    """
+
+    def __init__(self) -> None:
+        self.rank, self.world_size = 0, 1
+        self._store: torch.distributed.TCPStore | None = None
+        self._stop = threading.Event()
+
+    def start(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self._store = torch.distributed.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=STORE_TIMEOUT,
+        )
+        self._store.add(self._key("heartbeat", rank), 1)
+        threading.Thread(target=self._tick, name="heartbeat", daemon=True).start()
+
+    def _key(self, kind: str, rank: int) -> str:
+        return f"wdharness/{kind}/{rank}"
+
+    def _tick(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._store.add(self._key("heartbeat", self.rank), 1)
+            except RuntimeError:  # the store is gone (torch's DistError is a RuntimeError)
+                return
+
+    def lost_ranks(self) -> list[int] | None:
+        """The peers whose counter stood still for PROBE_S and who did not leave; None when the
+        store itself is unreachable (the node hosting it, rank 0's, is gone)."""
+        if self._store is None:
+            return []
+        peers = [r for r in range(self.world_size) if r != self.rank]
+        try:
+            before = [self._store.add(self._key("heartbeat", r), 0) for r in peers]
+            time.sleep(PROBE_S)
+            after = [self._store.add(self._key("heartbeat", r), 0) for r in peers]
+            left = [self._store.check([self._key("left", r)]) for r in peers]
+        except RuntimeError:
+            return None
+        return [
+            r
+            for r, b, a, gone in zip(peers, before, after, left, strict=True)
+            if a == b and not gone
+        ]
+
+    def leave(self, wait_s: float = 0.0) -> None:
+        """Stop ticking and say so. Rank 0, whose process may host the store, first waits up
+        to `wait_s` for the other ranks to leave, so that they can still read it."""
+        if self._store is None:
+            return
+        self._stop.set()
+        try:
+            self._store.set(self._key("left", self.rank), "1")
+            if self.rank == 0 and wait_s > 0:
+                lost = set(self.lost_ranks() or [])
+                others = [self._key("left", r) for r in range(1, self.world_size) if r not in lost]
+                self._store.wait(others, timedelta(seconds=wait_s))
+        except RuntimeError:
+            pass
+        self._store = None
+
+
+_heartbeat = Heartbeat()
+
+
+def lost_peer_error(err: BaseException) -> str | None:
+    """After `err` on a rank of a multi-rank run: a one-line error naming the lost peer(s), or
+    None when no peer is lost (`err` is then this rank's own failure). Either way this rank
+    then leaves, so that the ranks still probing do not count it as lost."""
+    if _heartbeat.world_size < 2:
+        return None
+    lost = _heartbeat.lost_ranks() if isinstance(err, RuntimeError) else []
+    _heartbeat.leave(wait_s=2 * PROBE_S)
+    if lost is None:
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        return (
+            f"rank {_heartbeat.rank}: error: lost rank 0 (the rendezvous store at {where} is "
+            "unreachable: its process or node is gone); rerun to resume from the last checkpoint"
+        )
+    if not lost:
+        return None
+    return (
+        f"rank {_heartbeat.rank}: error: lost rank {', '.join(map(str, lost))} (no heartbeat "
+        f"for {PROBE_S:.0f} s: the process died or hangs, or its node is gone); rerun to resume "
+        "from the last checkpoint"
+    )

@@ -75,7 +75,7 @@ def sizing(cfg: TrainConfig, stream_tokens: int, world_size: int = 1) -> Sizing:
         non_embedding_params=non_embedding,
         train_tokens=t.max_steps * sequences * block,
         batch_tokens=sequences * block,
-        val_tokens=cfg.data.eval_batches * t.micro_batch_size * world_size * block,
+        val_tokens=cfg.data.eval_sequences * block,  # one global set on any world size
     )
     problems = result.problems
     if result.tokens_per_param < MIN_TOKENS_PER_PARAM:

@@ -247,6 +247,7 @@ class LaunchOptions:
     signal_delay_s: int = 120
     max_timeouts: int = 3
     master_port: int | None = None
+    array_parallelism: int | None = None  # array tasks running at once (SLURM's %N); all if None
     extra: dict[str, Any] = field(default_factory=dict)  # more submitit parameters
 
     @property
@@ -279,6 +280,8 @@ class LaunchOptions:
                 f"SUBMITIT_PREEMPT_SIGNAL={submitit.JobEnvironment.USR_SIG} is the harness's own "
                 "preemption signal: leave it unset (USR2)"
             )
+        if self.array_parallelism is not None and self.array_parallelism < 1:
+            raise ValueError(f"--array-parallelism must be >= 1, got {self.array_parallelism}")
         if self.executor == "slurm" and shutil.which("srun") is None:
             raise ValueError("no 'srun' on PATH: not a SLURM node (try --executor local)")
 
@@ -310,6 +313,8 @@ def make_executor(options: LaunchOptions, folder: Path, job_name: str) -> submit
         params["gpus_per_node"] = options.gpus_per_node
     if options.exclusive:
         params["slurm_exclusive"] = True
+    if options.array_parallelism is not None:
+        params["slurm_array_parallelism"] = options.array_parallelism
     params.update(options.extra)
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return executor
@@ -322,17 +327,43 @@ def prepare_config(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def submit(config: TrainConfig, options: LaunchOptions) -> submitit.Job:
-    """Submit `config` as one job with `options`; returns the submitit job."""
-    options.check()
-    config = prepare_config(config)
-    folder = Path(options.folder) if options.folder else run_dir_of(config) / "submitit"
-    executor = make_executor(options, folder.resolve(), config.run.name)
+def _task(config: TrainConfig, options: LaunchOptions) -> TrainTask:
+    """The job's callable for `config`, with the time it has to save before a kill."""
     # Time to save between the signal and the kill, less a margin for the requeue itself.
     delay_s = options.signal_delay_s if options.executor == "slurm" else LOCAL_SIGNAL_DELAY_S
     grace_s = max(10.0, delay_s - 20.0)
-    task = TrainTask(config, os.getcwd(), options.master_port, grace_s)
+    return TrainTask(prepare_config(config), os.getcwd(), options.master_port, grace_s)
+
+
+def submit(config: TrainConfig, options: LaunchOptions) -> submitit.Job:
+    """Submit `config` as one job with `options`; returns the submitit job."""
+    options.check()
+    task = _task(config, options)
+    folder = Path(options.folder) if options.folder else run_dir_of(task.config) / "submitit"
+    executor = make_executor(options, folder.resolve(), config.run.name)
     return executor.submit(task)
+
+
+def submit_array(
+    configs: list[TrainConfig], options: LaunchOptions, folder: Path, name: str
+) -> list[submitit.Job]:
+    """Submit the runs `configs` as ONE SLURM job array (`sbatch --array=0-N%P`), one array
+    task per run, each with `options`' resources; returns one submitit job per run, in order.
+
+    Every array task is a job of its own for signals and requeue (`JOBID_TASK`), so each keeps
+    the save-then-requeue of `TrainTask`, and its rendezvous port is derived from that id.
+    `folder` (`options.folder` wins) holds the array's submitit logs and pickles.
+    """
+    options.check()
+    if options.executor != "slurm":
+        raise ValueError(f"a job array needs --executor slurm, not '{options.executor}'")
+    if options.master_port is not None and len(configs) > 1:
+        raise ValueError("--master-port would be shared by every array task: leave it unset")
+    folder = Path(options.folder) if options.folder else folder
+    executor = make_executor(options, folder.resolve(), name)
+    with executor.batch():
+        jobs = [executor.submit(_task(config, options)) for config in configs]
+    return jobs
 
 
 # ------------------------------------------------------------------------------------------

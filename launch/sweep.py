@@ -23,6 +23,11 @@ else the base's run.out_dir), so a sweep can point `checkpoint.init_from` at ano
 rest. Every run's config is validated before anything is submitted; runs whose summary.json
 says `completed` (at their max_steps) or `diverged` are skipped, unfinished ones resume
 (`checkpoint.resume=auto`). Launcher flags go after SWEEP.yaml.
+
+With `--executor slurm` the runs still to do go in as ONE job array, one array task per run
+(`--array-parallelism P` runs at most P at once); each task saves and requeues itself on
+preemption or at its time limit like a single `launch.slurm` job, and a rerun of the sweep
+submits an array of only the runs not yet finished.
 """
 
 import argparse
@@ -399,24 +404,36 @@ def run_serial(sweep: Sweep, runs: list[Run]) -> int:
 
 
 def submit_runs(runs: list[Run], options: Any, wait: bool) -> int:
-    """`launch.slurm.submit` per run: local and debug jobs run in turn, SLURM's queue up."""
+    """SLURM: the runs as one job array (`launch.slurm.submit_array`); local and debug: one
+    `launch.slurm.submit` after another, each run to its end, as they share this host."""
     from launch import slurm
 
-    jobs, failures = [], 0
+    if options.executor == "slurm":
+        sweep_dir = runs[0].run_dir.parent
+        try:
+            jobs = slurm.submit_array(
+                [run.config for run in runs], options, sweep_dir / "submitit", sweep_dir.name
+            )
+        except Exception as err:  # sbatch said no (submitit's FailedSubmissionError): say why
+            lines = [line for line in str(err).splitlines() if line.strip()] or [repr(err)]
+            print(f"{len(runs)} run(s): submission failed: {lines[-1]}", flush=True)
+            return len(runs)
+        array = jobs[0].job_id.split("_")[0]
+        pairs = list(enumerate(zip(runs, jobs, strict=True), 1))
+        for i, (run, job) in pairs:
+            print(f"[{i}/{len(runs)}] {run.name}: job {job.job_id} (array {array})", flush=True)
+        return sum(_collect(i, len(runs), run, job) for i, (run, job) in pairs) if wait else 0
+    failures = 0
     for i, run in enumerate(runs, 1):
         try:
             job = slurm.submit(run.config, dataclasses.replace(options))
-        except Exception as err:  # sbatch said no (submitit's FailedSubmissionError): say why
+        except Exception as err:  # a bad option or a failed start: say why
             failures += 1
             lines = [line for line in str(err).splitlines() if line.strip()] or [repr(err)]
             print(f"[{i}/{len(runs)}] {run.name}: submission failed: {lines[-1]}", flush=True)
             continue
         print(f"[{i}/{len(runs)}] {run.name}: job {job.job_id} ({options.executor})", flush=True)
-        jobs.append((i, run, job))
-        if options.executor != "slurm":  # debug runs in result(); local runs share this host
-            failures += _collect(i, len(runs), run, job)
-    if options.executor == "slurm" and wait:
-        failures += sum(_collect(i, len(runs), run, job) for i, run, job in jobs)
+        failures += _collect(i, len(runs), run, job)  # debug runs in result()
     return failures
 
 
@@ -459,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="parent of the sweep directory (default: base's out_dir)")
     parser.add_argument(
         "--cpu-gflops", type=float, help=f"CPU rate for the estimate ({CPU_FLOPS_PER_S / 1e9:g})"
+    )
+    parser.add_argument(
+        "--array-parallelism",
+        type=int,
+        help="SLURM: array tasks (runs) running at once; default all",
     )
     return parser
 
@@ -521,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         options, wait = None, False
         if args.executor != "serial":
             options, wait = launch_options(args.executor, sweep, rest)
+            if args.array_parallelism is not None:
+                options.array_parallelism = args.array_parallelism
             if not args.dry_run:
                 options.check()  # e.g. no srun here: fail before anything else
         elif rest:

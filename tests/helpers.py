@@ -65,7 +65,7 @@ def finished_run_args(run_dir: Path, **extra: object) -> list[str]:
         "run.name": run_dir.name,
         "data.dataset": "builtin-compact",
         "data.data_dir": ROOT / "data" / "cache",
-        "data.eval_batches": 1,
+        "data.eval_sequences": 4,
         "wandb.mode": "disabled",
     }
     values.update(extra)

@@ -51,7 +51,7 @@ def overrides(run_dir: Path, zero_stage: int, world_size: int = 1, **extra: obje
         "run.name": run_dir.name,
         "data.dataset": "builtin-compact",
         "data.data_dir": REPO / "data" / "cache",
-        "data.eval_batches": 1,
+        "data.eval_sequences": GLOBAL_BATCH,
         "wandb.mode": "disabled",
     }
     values.update(extra)

@@ -107,24 +107,42 @@ def test_load_state_dict_refuses_a_different_run() -> None:
         _loader(seed=5).load_state_dict(state)
 
 
-def test_validation_batches_are_fixed_and_split_across_ranks() -> None:
-    def ids(rank: int, world: int, num_batches: int) -> list[int]:
+def test_validation_set_is_global_and_split_evenly_across_ranks() -> None:
+    def share(rank: int, world: int, num_sequences: int = 12) -> list[tuple[list[int], int]]:
+        """(window ids of the real rows, real rows) of each micro-batch of this rank."""
         batches = validation_batches(
             TOKENS,
             block_size=BLOCK,
             micro_batch_size=3,
-            num_batches=num_batches,
+            num_sequences=num_sequences,
             rank=rank,
             world_size=world,
         )
-        assert len(batches) == num_batches
-        return _window_ids(batches)
+        out = []
+        for (x, y), real in batches:
+            padding = (y == -1).all(dim=1)
+            assert padding.tolist() == [False] * real + [True] * (len(y) - real)
+            assert not (y[:real] == -1).any()  # real rows keep every target
+            out.append((_window_ids([(x[:real], y[:real])]), real))
+        return out
 
-    single = ids(0, 1, 4)
-    assert single == ids(0, 1, 4) == [0, 4, 8, 12, 16, 20, 25, 29, 33, 37, 41, 45]
-    assert ids(0, 2, 2) + ids(1, 2, 2) == single  # per-rank count: world 2 x 2 = world 1 x 4
-    assert ids(0, 4, 1) + ids(1, 4, 1) + ids(2, 4, 1) + ids(3, 4, 1) == single
-    assert ids(0, 1, 40) == [i * 50 // 120 for i in range(120)]  # too few windows: repeats
+    def ids(shares: list[list[tuple[list[int], int]]]) -> list[int]:
+        return [i for part in shares for batch, _ in part for i in batch]
+
+    single = share(0, 1)
+    assert share(0, 1) == single  # fixed
+    assert ids([single]) == [0, 4, 8, 12, 16, 20, 25, 29, 33, 37, 41, 45]
+    assert [real for _, real in single] == [3, 3, 3, 3]
+    for world in (2, 3, 4, 5, 7):  # the same set on any world size, split into equal forwards
+        shares = [share(rank, world) for rank in range(world)]
+        assert ids(shares) == ids([single]), world
+        assert len({len(part) for part in shares}) == 1, world
+    # 12 over 5 ranks: 3 per rank, the last has 0 real rows; 12 over 7: 2 per rank
+    assert [real for part in (share(r, 5) for r in range(5)) for _, real in part] == [3, 3, 3, 3, 0]
+    assert [real for _, real in share(6, 7)] == [0]
+    assert [real for _, real in share(0, 2, num_sequences=5)] == [3]
+    assert [real for _, real in share(1, 2, num_sequences=5)] == [2]
+    assert ids([share(0, 1, num_sequences=120)]) == [i * 50 // 120 for i in range(120)]  # repeats
 
 
 def _write(path: Path, tokens: np.ndarray) -> Path:
@@ -160,7 +178,7 @@ def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="8 tokens, fewer than block_size \\+ 1 = 9"):
         BatchLoader(short, block_size=8, micro_batch_size=1)
     with pytest.raises(DataError, match="fewer than block_size"):
-        validation_batches(short, block_size=8, micro_batch_size=1, num_batches=1)
+        validation_batches(short, block_size=8, micro_batch_size=1, num_sequences=1)
 
 
 def test_meta_size_and_sha256_checks(tmp_path: Path) -> None:

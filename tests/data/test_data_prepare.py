@@ -219,6 +219,87 @@ def test_command_line_error_exits_2(tmp_path: Path) -> None:
     )
 
 
+class StandInHub:
+    """`datasets.load_dataset` for the hub's `openwebtext`, offline: each call takes the next
+    outcome, an exception of the type real `datasets` raises or the dataset to return."""
+
+    def __init__(self, *outcomes: object) -> None:
+        self.outcomes = list(outcomes)
+        self.calls: list[tuple[str, dict]] = []
+
+    def __call__(self, name: str, num_proc: int = 1, **kwargs: object):
+        self.calls.append((name, kwargs))
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+SCRIPT_REFUSED = RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
+
+
+def test_openwebtext_falls_back_to_the_parquet_conversion_and_warns_when_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import datasets
+
+    converted = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS})})
+    hub = StandInHub(SCRIPT_REFUSED, converted)
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    assert main(["openwebtext", "--out", str(tmp_path / "owt"), "--num-proc", "1"]) == 0
+    assert hub.calls == [("openwebtext", {}), ("openwebtext", {"revision": "refs/convert/parquet"})]
+    call = "datasets.load_dataset('openwebtext', revision='refs/convert/parquet')"
+    assert _meta(tmp_path / "owt")["source"] == f"{call} (40 of 8,013,769 documents)"
+    warning = capsys.readouterr().err.splitlines()
+    assert [line for line in warning if line.startswith("warning: ")] == [
+        f"warning: {call} (40 of 8,013,769 documents): 0.0% of the corpus (the hub's Parquet "
+        "conversion of a large dataset can be partial); for all of it, prepare from a full copy "
+        "(--hub-name, or local .parquet/.jsonl files)"
+    ]
+    _assert_matches_direct_tokenization(tmp_path / "owt", DOCS, 0.0005)
+
+
+def test_openwebtext_without_hub_or_conversion_is_one_line_naming_the_ways_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    no_revision = DatasetNotFoundError(
+        "Revision 'refs/convert/parquet' doesn't exist for dataset 'my/owt' on the Hub."
+    )
+    for outcomes, name in [
+        ((SCRIPT_REFUSED, no_revision), "openwebtext"),
+        ((OfflineModeIsEnabled("Cannot reach the Hub: offline mode is enabled."),) * 2, "my/owt"),
+    ]:
+        hub = StandInHub(*outcomes)
+        monkeypatch.setattr(datasets, "load_dataset", hub)
+        argv = ["openwebtext", "--out", str(tmp_path / "owt"), "--hub-name", name]
+        assert main(argv) == 2
+        assert [kwargs for _, kwargs in hub.calls] == [{}, {"revision": "refs/convert/parquet"}]
+        assert {called for called, _ in hub.calls} == {name}
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(
+            f"error: datasets.load_dataset({name!r}) failed: {outcomes[0]}; "
+            f"datasets.load_dataset({name!r}, revision='refs/convert/parquet') failed: "
+            f"{outcomes[1]}; check the network, name another copy with --hub-name, or prepare "
+            "from local files: python -m data.prepare FILES_OR_DIRS --out DIR"
+        )
+    assert not (tmp_path / "owt").exists()
+
+
+def test_a_full_hub_dataset_is_not_warned_about(tmp_path: Path, capsys) -> None:
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in DOCS))
+    kwargs = {"data_files": str(jsonl), "cache_dir": str(tmp_path / "hf")}
+    prepare(HubSource("json", kwargs, expected_documents=40), tmp_path / "full", val_fraction=0.1)
+    assert "warning" not in capsys.readouterr().err
+    assert _meta(tmp_path / "full")["source"] == "datasets.load_dataset('json')"
+    prepare(HubSource("json", kwargs, expected_documents=41), tmp_path / "short", val_fraction=0.1)
+    assert "warning: datasets.load_dataset('json') (40 of 41 documents)" in capsys.readouterr().err
+
+
 def test_a_non_utf8_jsonl_line_is_a_one_line_error(tmp_path: Path) -> None:
     src = tmp_path / "in"
     src.mkdir()

@@ -1,20 +1,23 @@
-"""launch.slurm: the CLI's checks, the signal hand-over, and real jobs on a one-node cluster."""
+"""launch.slurm: the CLI's checks, the signal hand-over, and real jobs on a one-node cluster;
+launch.sweep's job arrays there too."""
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import submitit
 import yaml
 from submitit.core.job_environment import SignalHandler
 
 from configs import load_config
-from launch import env, slurm
+from launch import env, slurm, sweep
 from tests.launch.slurm_cluster import SlurmCluster
 
 # A tiny run on the compact built-in corpus (10,240-row vocabulary from the default config).
@@ -28,7 +31,7 @@ TINY = [
     "train.log_interval=1",
     "train.eval_interval=0",
     "data.dataset=builtin-compact",
-    "data.eval_batches=1",
+    "data.eval_sequences=4",
     "telemetry.enabled=false",
     "wandb.mode=disabled",
     "checkpoint.interval=5",
@@ -319,3 +322,81 @@ def test_preempted_job_requeues_and_resumes(
     assert sorted(last_line) == list(range(1, steps + 1))
     log = (submitit_folder / f"{job.job_id}_0_log.out").read_text()
     assert log.count("Requeued job") == 2
+
+
+@pytest.mark.slurm
+def test_sweep_is_one_job_array_whose_tasks_requeue_and_finished_runs_are_skipped(
+    slurm_cluster: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """4 runs as one array, 2 at a time; one task signalled mid-run saves, requeues and
+    resumes; the other tasks are untouched; the same sweep again submits nothing."""
+    steps = 20
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in TINY)}
+    sweep_file = tmp_path / "array.yaml"
+    spec = {
+        "name": "array",
+        "base": str(Path("configs/default.yaml").resolve()),
+        "overrides": {**overrides, "train.max_steps": steps},
+        "grid": {"optim.weight_decay": [0.0, 0.1], "run.seed": [1, 2]},
+    }
+    sweep_file.write_text(yaml.safe_dump(spec))
+    argv = [
+        str(sweep_file),
+        "--executor=slurm",
+        "--yes",
+        f"--out={tmp_path / 'runs'}",
+        "--tasks-per-node=1",
+        f"--partition={slurm_cluster.partition}",
+        "--time=30",
+        "--array-parallelism=2",
+    ]
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    submitted = re.findall(r"\] (\S+): job (\d+_\d+) \(array (\d+)\)", out)
+    assert len(submitted) == 4 and len({array for _, _, array in submitted}) == 1, out
+    array_id = submitted[0][2]
+    assert [job_id for _, job_id, _ in submitted] == [f"{array_id}_{i}" for i in range(4)]
+    shown = slurm_cluster.run("scontrol", "show", "job", array_id)
+    assert "ArrayTaskThrottle=2" in shown, shown
+    folder = tmp_path / "runs" / "array" / "submitit"
+    jobs = {name: submitit.SlurmJob(folder=folder, job_id=job_id) for name, job_id, _ in submitted}
+
+    victim = submitted[1][0]
+    events = tmp_path / "runs" / "array" / victim / "events.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (events.exists() and any(e["kind"] == "checkpoint" for e in read_jsonl(events))):
+        if jobs[victim].done() or time.monotonic() > deadline:
+            pytest.fail(f"{victim}: no periodic checkpoint\n{_logs(folder)}")
+        time.sleep(0.2)
+    # submitit's requeue signal (USR2), straight to the task as slurmd sends it before a time
+    # limit: the harness saves, then the task requeues. Not `job._interrupt()`: scancel keeps
+    # retrying a signal to an array task that SLURM answers "Job can not be altered now" while
+    # it requeues, and so signals the next attempt too.
+    array_task = {"SLURM_ARRAY_JOB_ID": array_id, "SLURM_ARRAY_TASK_ID": "1"}
+    tasks = [
+        proc
+        for proc in psutil.process_iter(["name", "cmdline"])
+        if proc.info["name"].startswith("python")  # not the srun that started it
+        and "submitit.core._submit" in " ".join(proc.info["cmdline"] or [])
+        and array_task.items() <= proc.environ().items()
+    ]
+    assert len(tasks) == 1, tasks
+    tasks[0].send_signal(signal.SIGUSR2)
+
+    for name, job in jobs.items():
+        summary = wait_for_results(job, slurm_cluster, timeout_s=4 * JOB_TIMEOUT_S)[0]
+        assert (summary["status"], summary["steps"]) == ("completed", steps), name
+        history = read_jsonl(tmp_path / "runs" / "array" / name / "events.jsonl")
+        kinds = [e["kind"] for e in history]
+        if name == victim:
+            preempt = [e["step"] for e in history if e["kind"] == "preempt"]
+            resume = [e["step"] for e in history if e["kind"] == "resume"]
+            assert len(preempt) == 1 and preempt == resume and 0 < resume[0] < steps, history
+        else:
+            assert "preempt" not in kinds and "resume" not in kinds, (name, kinds)
+    log = (folder / f"{jobs[victim].job_id}_0_log.out").read_text()
+    assert log.count("Requeued job") == 1
+
+    assert sweep.main(argv) == 0  # again: every run has finished
+    out = capsys.readouterr().out
+    assert out.count("skip (finished)") == 4 and "nothing to do: every run has finished" in out

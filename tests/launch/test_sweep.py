@@ -44,7 +44,7 @@ TINY_RUN = {
     "model.n_embd": 32,
     "model.block_size": 16,
     "data.data_dir": str(ROOT / "data" / "cache"),
-    "data.eval_batches": 1,
+    "data.eval_sequences": 4,
     "train.max_steps": 20,
     "train.micro_batch_size": 4,
     "train.eval_interval": 0,
@@ -273,7 +273,7 @@ def test_manifest_lists_every_run_with_overrides_that_rebuild_its_config(tmp_pat
 def test_gpu_cost_is_steps_times_tokens_times_flops_over_throughput(tmp_path):
     path = write_sweep(
         tmp_path,
-        overrides={"train.max_steps": 1000, "train.eval_interval": 0, "data.eval_batches": 1},
+        overrides={"train.max_steps": 1000, "train.eval_interval": 0, "data.eval_sequences": 32},
         grid={"optim.weight_decay": [0, 0.1]},
         tokens_per_second=1000,
     )
@@ -282,7 +282,7 @@ def test_gpu_cost_is_steps_times_tokens_times_flops_over_throughput(tmp_path):
     cost = sw.estimate(runs, sweep, ranks=2)
     tokens_per_step = 16 * 128 * 2  # default.yaml: micro 16 x ctx 128, x 2 ranks
     train_s = 1000 * tokens_per_step / 1000
-    eval_s = 16 * 128 * 2 / 1000 / 3  # one forward-only evaluation at the end
+    eval_s = 32 * 128 / 1000 / 3  # one forward-only evaluation of 32 sequences, at the end
     assert cost.gpu and cost.seconds["wd0"] == pytest.approx(train_s + eval_s)
     assert "GPU-hours" in cost.line(runs, 2)
 
@@ -387,8 +387,9 @@ def test_serial_sweep_trains_every_run_then_skips_them_all(tmp_path, capsys, cpu
 
 
 @pytest.mark.slurm
-def test_slurm_sweep_submits_one_job_per_run(tmp_path, capsys, slurm_cluster):
-    """Through a real one-node SLURM cluster: both runs are queued, then --wait collects them."""
+def test_slurm_sweep_submits_one_job_array(tmp_path, capsys, slurm_cluster):
+    """Through a real one-node SLURM cluster: both runs are queued as one job array, then
+    --wait collects them."""
     path = write_sweep(
         tmp_path, "queued", overrides=TINY_RUN, grid={"optim.weight_decay": [0, 0.1]}
     )
@@ -397,7 +398,8 @@ def test_slurm_sweep_submits_one_job_per_run(tmp_path, capsys, slurm_cluster):
     argv += [f"--partition={slurm_cluster.partition}", "--time=10"]
     assert sw.main(argv) == 0, capsys.readouterr().out
     text = capsys.readouterr().out
-    assert len(re.findall(r"job \d+ \(slurm\)", text)) == 2
+    jobs = re.findall(r"job (\d+_\d+) \(array (\d+)\)", text)
+    assert [job for job, _ in jobs] == [f"{jobs[0][1]}_0", f"{jobs[0][1]}_1"], text
     for name in ("wd0", "wd0.1"):
         summary = json.loads((out / "queued" / name / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["steps"] == TINY_RUN["train.max_steps"]

@@ -60,7 +60,7 @@ def overrides(run_dir: Path, corpus: Path, **extra: object) -> list[str]:
         "train.log_interval": 1,
         "train.eval_interval": 0,
         "data.dataset": corpus,
-        "data.eval_batches": 2,
+        "data.eval_sequences": 16,
         "run.device": "cpu",
         "run.out_dir": run_dir.parent,
         "run.name": run_dir.name,

@@ -1,6 +1,6 @@
 """Real multi-process runs: 2 ranks on ZeRO 1-3 train exactly like 1 rank with the same global
-batch, only rank 0 writes the run files, and a failure on one rank ends the run with its rank named.
-Also which device each rank takes.
+batch and report the same validation loss, only rank 0 writes the run files, and a failure on one
+rank ends the run with its rank named. Also which device each rank takes.
 
 Each run is `torchrun --standalone` (or `python train.py`) in a subprocess on the CPU (gloo).
 """
@@ -39,6 +39,7 @@ def overrides(out_dir: Path, name: str, **extra) -> list[str]:
             "train.max_steps": STEPS,
             "train.log_interval": 1,
             "train.eval_interval": 0,
+            "data.eval_sequences": 7,  # 4 + 3 on one rank, 4 and 3 + 1 padding on two
             "checkpoint.interval": 0,
             "run.out_dir": out_dir,
             "run.name": name,
@@ -101,6 +102,9 @@ def test_two_ranks_match_one_rank(out_dir, reference, stage):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == STEPS
     assert summary["final_loss"] == pytest.approx(reference[STEPS], abs=1e-5)
+    # the validation set is global: the same 7 sequences on 1 rank and on 2 (one padding row)
+    ref_summary = json.loads((out_dir / "ref" / "summary.json").read_text())
+    assert summary["final_val_loss"] == pytest.approx(ref_summary["final_val_loss"], abs=1e-6)
     assert proc.stdout.count(f"step {STEPS}/{STEPS}") == 1  # progress printed once, by rank 0
 
 

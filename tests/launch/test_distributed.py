@@ -1,0 +1,103 @@
+"""A lost peer: two real rank processes (gloo), one killed or frozen mid-run. The other must
+leave its collective within `run.collective_timeout_s`, with one line naming the lost rank, and
+the same command then resumes the run from its last checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch.slurm_cluster import free_port
+from tests.launch.test_multinode import COMMON, RENDEZVOUS_KEYS
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STEPS = 60
+TIMEOUT_S = 20  # run.collective_timeout_s of these runs
+WAIT_S = 300  # far above the timeout, far below torch's 10-minute default
+
+
+def rank_env(base: dict[str, str], rank: int, port: int) -> dict[str, str]:
+    """What SLURM or a multi-node launcher gives one rank of a 2-rank job."""
+    environ = {k: v for k, v in base.items() if not k.startswith("SLURM_")}
+    for key in RENDEZVOUS_KEYS & environ.keys():
+        environ.pop(key)
+    rendezvous = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2}
+    rendezvous.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    return {**environ, **{k: str(v) for k, v in rendezvous.items()}}
+
+
+def start_ranks(args: list[str], logs: Path, base: dict[str, str]) -> list[subprocess.Popen]:
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        with (logs / f"rank{rank}.log").open("wb") as out:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "train.py", *args],
+                    cwd=REPO_ROOT,
+                    env=rank_env(base, rank, port),
+                    stdout=subprocess.DEVNULL,
+                    stderr=out,
+                )
+            )
+    return procs
+
+
+def latest_step(run_dir: Path) -> int:
+    latest = run_dir / "checkpoints" / "latest"
+    return int(latest.read_text().removeprefix("step_")) if latest.is_file() else -1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("victim", "how"),
+    [(1, signal.SIGKILL), (1, signal.SIGSTOP), (0, signal.SIGKILL)],
+    ids=["rank1-killed", "rank1-frozen", "rank0-killed"],
+)
+def test_lost_peer_is_named_and_the_run_resumes(tmp_path, cpu_train_env, victim, how):
+    run_dir = tmp_path / "run"
+    args = [
+        *COMMON,
+        f"train.max_steps={STEPS}",
+        "checkpoint.interval=5",
+        f"run.collective_timeout_s={TIMEOUT_S}",
+        f"run.out_dir={tmp_path}",
+        "run.name=run",
+    ]
+    base = {**os.environ, **cpu_train_env}
+    procs = start_ranks(args, tmp_path, base)
+    while latest_step(run_dir) < 10:  # a checkpoint to come back to
+        assert all(p.poll() is None for p in procs), (tmp_path / "rank0.log").read_text()
+        time.sleep(0.2)
+    os.kill(procs[victim].pid, how)
+    survivor = 1 - victim
+    try:
+        assert procs[survivor].wait(timeout=WAIT_S) == 1
+    finally:
+        procs[victim].kill()
+        procs[victim].wait()
+    saved = latest_step(run_dir)
+    assert 10 <= saved < STEPS
+
+    err = (tmp_path / f"rank{survivor}.log").read_text()
+    errors = [line for line in err.splitlines() if line.startswith(f"rank {survivor}: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"rank {survivor}: error: lost rank {victim} (")
+    assert errors[0].endswith("rerun to resume from the last checkpoint")
+    if survivor == 0:  # rank 0 keeps the record
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "failed" and summary["steps"] < STEPS
+
+    # the same command resumes from the last checkpoint and finishes
+    again = start_ranks(args, tmp_path, base)
+    assert [p.wait(timeout=WAIT_S) for p in again] == [0, 0], (tmp_path / "rank0.log").read_text()
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    resumes = [e for e in events if e["kind"] == "resume"]
+    assert [Path(e["path"]).name for e in resumes] == [f"step_{saved:08d}"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == STEPS

@@ -25,6 +25,8 @@ def _mains() -> dict[str, Callable[[list[str]], int]]:
     import data.prepare
     import launch.slurm
     import launch.sweep
+    import monitor.aeos
+    import monitor.diagnose
     import monitor.replay
     import study.compare
     import study.report
@@ -35,6 +37,8 @@ def _mains() -> dict[str, Callable[[list[str]], int]]:
         "data.prepare": data.prepare.main,
         "checkpoint.export": checkpoint.export.main,
         "monitor.replay": monitor.replay.main,
+        "monitor.diagnose": monitor.diagnose.main,
+        "monitor.aeos": monitor.aeos.main,
         "launch.slurm": launch.slurm.main,
         "launch.sweep": launch.sweep.main,
         "study.compare": study.compare.main,
@@ -153,6 +157,24 @@ CASES = [
     ("replay-missing", "monitor.replay", ["{tmp}/nope"], "no detections"),
     ("replay-no-detection", "monitor.replay", ["{run}"], "has no detections"),
     ("replay-event-type", "monitor.replay", ["{run}", "--event", "x"], "--event"),
+    # monitor.diagnose and monitor.aeos
+    ("diagnose-missing", "monitor.diagnose", ["{tmp}/nope"], "not a run directory"),
+    ("diagnose-event-type", "monitor.diagnose", ["{run}", "--event", "x"], "--event"),
+    ("aeos-lr-type", "monitor.aeos", ["--lrs", "x", "--out", "{tmp}/a"], "--lrs"),
+    # data.prepare ngram
+    ("ngram-tokens", "data.prepare", ["ngram", "--out", "{tmp}/o", "--tokens", "x"], "token count"),
+    (
+        "ngram-order",
+        "data.prepare",
+        ["ngram", "--out", "{tmp}/o", "--tokens", "1000", "--order", "1"],
+        "order must be in [2, 5]",
+    ),
+    (
+        "ngram-vocab",
+        "data.prepare",
+        ["ngram", "--out", "{tmp}/o", "--tokens", "1000", "--vocab", "1"],
+        "--vocab must be in",
+    ),
     # launch.slurm (all fail before anything is submitted)
     ("slurm-missing", "launch.slurm", ["{in}/nope.yaml"], "does not exist"),
     ("slurm-empty", "launch.slurm", ["{in}/empty.yaml"], "is empty"),

@@ -8,6 +8,7 @@ float32 reduction-order noise (~1e-6), asserted at 1e-5.
 import json
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,6 +160,16 @@ def replace_unnoticed(path):
     manifest_path.write_text(json.dumps(manifest))
 
 
+def killed_copy(reference: Path, tmp_path: Path) -> Path:
+    """A copy of the finished `reference` as if killed after its last save, before its summary
+    said `completed` (a finished run is not loaded again at all: nothing to do)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    return run_dir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, file, message",
@@ -174,8 +185,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     """A warning names the damage, the previous checkpoint loads, and the rerun steps are the
     reference's bit for bit."""
     run_set = training_runs.get(1)
-    run_dir = tmp_path / "run"
-    shutil.copytree(run_set.reference, run_dir)
+    run_dir = killed_copy(run_set.reference, tmp_path)
     newest = newest_checkpoint(run_dir)  # step 8, the end; step 6 before it
     damage(newest / file)
     with pytest.warns(UserWarning, match=message):
@@ -188,8 +198,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
 @pytest.mark.slow
 def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(training_runs, tmp_path):
     run_set = training_runs.get(0)
-    run_dir = tmp_path / "run"
-    shutil.copytree(run_set.reference, run_dir)
+    run_dir = killed_copy(run_set.reference, tmp_path)
     for checkpoint in (run_dir / "checkpoints").glob("step_*"):
         truncate(checkpoint / "mp_rank_00_model_states.pt")
     from checkpoint.manager import CheckpointError

@@ -45,6 +45,13 @@ class TrainLoopConfig(Section):
     log_interval: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
     eval_interval: int = Field(100, ge=0, description="steps between validation; 0 only at the end")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
+    ema: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="decay of an EMA of the weights updated every step, its val loss logged as "
+        "val_loss_ema (the paper: 0.99); 0 = off; ZeRO 0-2",
+    )
 
 
 class TrainConfig(Section):
@@ -70,6 +77,11 @@ class TrainConfig(Section):
             raise ValueError(
                 "run.move_aside=true moves an old run aside to start afresh: it needs "
                 "checkpoint.resume=never"
+            )
+        if self.train.ema > 0 and self.zero_stage == 3:
+            raise ValueError(
+                "train.ema keeps a full copy of the weights, which ZeRO 3 does not have: use "
+                "zero_stage 0-2 or train.ema=0"
             )
         if self.optim.name == "adam_spd" and self.checkpoint.init_from is None:
             raise ValueError(

@@ -148,8 +148,9 @@ class Checkpointer:
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
-        # name -> state kept the same on every rank (state_dict / load_state_dict, which takes
-        # None for a checkpoint without it): saved by rank 0 as `<name>.pt`, loaded by all
+        # name -> state the same on every world size (state_dict, called on every rank, and
+        # load_state_dict, which takes None for a checkpoint without it): rank 0 saves it as
+        # `<name>.pt`, every rank loads it
         self.extras: dict[str, Any] = {}
 
     def track(self, name: str, obj: Any) -> None:
@@ -218,9 +219,10 @@ class Checkpointer:
         _barrier()
         engine.save_checkpoint(str(self.dir), tag=partial.name, save_latest=False)
         torch.save(rng_state(), partial / f"rng_rank{self.rank}.pt")
-        if self.rank == 0:
-            for name, obj in self.extras.items():
-                torch.save(obj.state_dict(), partial / f"{name}.pt")
+        for name, obj in self.extras.items():
+            extra = obj.state_dict()  # on every rank: it may gather
+            if self.rank == 0:
+                torch.save(extra, partial / f"{name}.pt")
         _barrier()
         manifest = self._manifest(partial)
         final = self.dir / tag

@@ -50,7 +50,7 @@ class TrainLoopConfig(Section):
         ge=0.0,
         lt=1.0,
         description="decay of an EMA of the weights updated every step, its val loss logged as "
-        "val_loss_ema (the paper: 0.99); 0 = off; ZeRO 0-2",
+        "val_loss_ema (the paper: 0.99); 0 = off",
     )
 
 
@@ -77,11 +77,6 @@ class TrainConfig(Section):
             raise ValueError(
                 "run.move_aside=true moves an old run aside to start afresh: it needs "
                 "checkpoint.resume=never"
-            )
-        if self.train.ema > 0 and self.zero_stage == 3:
-            raise ValueError(
-                "train.ema keeps a full copy of the weights, which ZeRO 3 does not have: use "
-                "zero_stage 0-2 or train.ema=0"
             )
         if self.optim.name == "adam_spd" and self.checkpoint.init_from is None:
             raise ValueError(

@@ -72,7 +72,7 @@ def test_every_decay_form_resumes_bitwise(training_runs, zero_stage, form):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_weight_ema_resumes_bitwise(training_runs, zero_stage):
     """The EMA is saved with each checkpoint: its val loss after the cut is the uncut run's."""
     run_set = training_runs.get(zero_stage, form="ema")

@@ -1,10 +1,10 @@
-"""The weight EMA: its recurrence, the swap in and out of the model, the same EMA on ZeRO 0-2."""
+"""The weight EMA: its recurrence, the swap in and out of the model, the same EMA on ZeRO 0-3."""
 
 import pytest
 import torch
 from torch import nn
 
-from configs import ConfigError, load_config
+from configs import load_config
 from model import GPT
 from optim.ema import WeightEMA
 from optim.engine import UpdateGate, initialize, set_lr
@@ -45,8 +45,16 @@ def test_ema_recurrence_and_swap():
     assert all(torch.equal(e, s) for e, s in zip(ema.shadow, saved["shadow"], strict=True))
 
 
-def ema_run(stage: int, env) -> list[torch.Tensor]:
-    cfg = load_config(None, tiny_overrides(zero_stage=stage, **{"train.ema": 0.5}))
+def ema_run(stage: int, env, sharded: bool = False):
+    """Four steps with the EMA: (the EMA, its whole tensors, the losses of a batch with the
+    weights, the EMA swapped in, and the weights again). `sharded`: ZeRO 3 keeps no parameter
+    gathered (persistence threshold 0), so every EMA tensor is a partition."""
+    overrides = {"train.ema": 0.5}
+    if sharded:
+        overrides["deepspeed.extra"] = (
+            "{zero_optimization: {stage3_param_persistence_threshold: 0}}"
+        )
+    cfg = load_config(None, tiny_overrides(zero_stage=stage, **overrides))
     torch.manual_seed(cfg.run.seed)
     engine, optimizer = initialize(GPT(cfg.model), cfg, 1, env.device)
     gate, ema = UpdateGate(engine, optimizer, cfg), WeightEMA(engine.module, cfg.train.ema)
@@ -57,16 +65,28 @@ def ema_run(stage: int, env) -> list[torch.Tensor]:
         gate.begin(step, loss.detach())
         engine.step()
         ema.update()
-    return ema.shadow
+    x, y = batches(1, seed=1)[0]
+    engine.module.eval()
+    with torch.no_grad():
+        losses = [engine(x, y).loss.item()]
+        with ema.swapped_in():
+            losses.append(engine(x, y).loss.item())
+        losses.append(engine(x, y).loss.item())
+    return ema, ema.state_dict()["shadow"], losses
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_ema_is_the_same_on_zero_0_to_2(dist_env, stage):
-    reference, shadow = ema_run(0, dist_env), ema_run(stage, dist_env)
-    for e, ref in zip(shadow, reference, strict=True):
+@pytest.mark.parametrize(("stage", "sharded"), [(1, False), (2, False), (3, False), (3, True)])
+def test_ema_is_the_same_on_every_zero_stage(dist_env, stage, sharded):
+    _, reference, ref_losses = ema_run(0, dist_env)
+    ema, whole, losses = ema_run(stage, dist_env, sharded)
+    for e, ref in zip(whole, reference, strict=True):
         torch.testing.assert_close(e, ref, atol=1e-6, rtol=0)
-
-
-def test_ema_refuses_zero_3():
-    with pytest.raises(ConfigError, match="train.ema keeps a full copy"):
-        load_config(None, ["train.ema=0.99", "zero_stage=3"])
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    assert losses[0] == losses[2] != losses[1]  # the EMA's loss, then the model's own again
+    if sharded:  # a partition each, back from the whole form a checkpoint holds
+        assert all(e.dim() == 1 for e in ema.shadow)  # ZeRO 3's flat partitions
+        assert any(e.dim() == 2 for e in whole)
+        partitions = [e.clone() for e in ema.shadow]
+        ema.load_state_dict(None)
+        ema.load_state_dict({"shadow": whole})
+        assert all(torch.equal(a, b) for a, b in zip(ema.shadow, partitions, strict=True))

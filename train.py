@@ -40,6 +40,7 @@ from monitor.run_record import RunRecord, is_complete, read_summary
 from monitor.sharpness import SharpnessProbe
 from monitor.telemetry import Telemetry
 from optim.adam_lr import adam_effective_lr
+from optim.ema import WeightEMA
 from optim.engine import StepScalars, UpdateGate, initialize, set_lr
 from optim.forms import form_metrics, mark_start
 from optim.schedule import lr_at
@@ -145,6 +146,9 @@ def train_run(
         cfg, engine, data_dir / "train.bin", env.rank, env.world_size, env.device
     )
     preemption = PreemptionFlag().install()
+    ema = WeightEMA(engine.module, cfg.train.ema) if cfg.train.ema else None
+    if ema:
+        ckpt.track("ema", ema)
     step, tokens = 0, 0
 
     def harness_state() -> HarnessState:
@@ -225,6 +229,8 @@ def train_run(
             engine, gate, telemetry, loader.next_step(), step + 1, log_step
         )
         step, tokens = step + 1, tokens + tokens_per_step
+        if ema:
+            ema.update()
         if not scalars.applied:
             record.event(event(step, "skip", loss=scalars.loss, grad_norm=scalars.grad_norm))
         if log_step:
@@ -239,10 +245,12 @@ def train_run(
         if (
             cfg.train.eval_interval and step % cfg.train.eval_interval == 0
         ) or step == cfg.train.max_steps:
-            val_loss = evaluate(engine, val_batches, cfg.data.eval_sequences, env.device)
-            record.metrics(
-                {"step": step, "tokens": tokens, "val_loss": val_loss, "time": time.time()}
-            )
+            n_val = cfg.data.eval_sequences
+            val = {"val_loss": evaluate(engine, val_batches, n_val, env.device)}
+            if ema:  # the paper's loss_ema
+                with ema.swapped_in():
+                    val["val_loss_ema"] = evaluate(engine, val_batches, n_val, env.device)
+            record.metrics({"step": step, "tokens": tokens, **val, "time": time.time()})
 
         action = watch.take_pending()
         if watch.first_detection_step not in (None, pinned_for):  # keep the last good state

@@ -1,7 +1,7 @@
 """Atomic checkpoints of the DeepSpeed engine plus the harness state, retention and resume.
 
 On-disk layout under `<run_dir>/checkpoints/`:
-    step_00000100/        DeepSpeed's files, `rng_rank{r}.pt` per rank,
+    step_00000100/        DeepSpeed's files, `rng_rank{r}.pt` per rank, `ema.pt` (train.ema),
                           `manifest.json` (size and CRC32 of every file), `harness.json` (last)
     step_.../KEEP         present on checkpoints retention must never delete (reasons inside)
     step_.../universal/   DeepSpeed's universal form, made on demand for a world-size change
@@ -148,6 +148,14 @@ class Checkpointer:
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
+        # name -> state the same on every world size (state_dict, called on every rank, and
+        # load_state_dict, which takes None for a checkpoint without it): rank 0 saves it as
+        # `<name>.pt`, every rank loads it
+        self.extras: dict[str, Any] = {}
+
+    def track(self, name: str, obj: Any) -> None:
+        """Save and restore `obj` with every checkpoint (the weight EMA)."""
+        self.extras[name] = obj
 
     # --- finding ---------------------------------------------------------------------------
 
@@ -211,6 +219,10 @@ class Checkpointer:
         _barrier()
         engine.save_checkpoint(str(self.dir), tag=partial.name, save_latest=False)
         torch.save(rng_state(), partial / f"rng_rank{self.rank}.pt")
+        for name, obj in self.extras.items():
+            extra = obj.state_dict()  # on every rank: it may gather
+            if self.rank == 0:
+                torch.save(extra, partial / f"{name}.pt")
         _barrier()
         manifest = self._manifest(partial)
         final = self.dir / tag
@@ -321,6 +333,9 @@ class Checkpointer:
         if errors:
             raise CheckpointError(f"checkpoint {path} did not load ({errors[0]})")
         _repair_optimizer(engine, hyper)
+        for name, obj in self.extras.items():
+            extra = path / f"{name}.pt"
+            obj.load_state_dict(torch.load(extra, weights_only=True) if extra.is_file() else None)
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng and state["world_size"] == self.world_size and rng_file.is_file():
             set_rng_state(load_rng_file(rng_file))

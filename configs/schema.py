@@ -51,6 +51,13 @@ class TrainLoopConfig(Section):
     log_interval: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
     eval_interval: int = Field(100, ge=0, description="steps between validation; 0 only at the end")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
+    ema: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="decay of an EMA of the weights updated every step, its val loss logged as "
+        "val_loss_ema (the paper: 0.99); 0 = off",
+    )
 
 
 class TrainConfig(Section):

@@ -290,8 +290,7 @@ class SharpnessProbe:
             return {}
         o = self.cfg.optim
         lr = lr_at(step, o, self.cfg.train.max_steps)  # the rate of the next update
-        l2 = o.weight_decay if o.name == "adam_l2" else 0.0
-        return self.measure(lr, decoupled_shrink(o, lr), l2)
+        return self.measure(lr, decoupled_shrink(o, lr), o.l2_grad_coef)
 
     def _refresh(self, num_steps: int) -> tuple[list[nn.Parameter], torch.Tensor, torch.Tensor]:
         """Copy the current weights into the fp32 copy; (its params, P^-1/2 flat, decay mask)."""

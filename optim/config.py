@@ -18,6 +18,11 @@ class OptimConfig(Section):
         "cosine", description="after warmup: cosine to min_lr, or constant at lr"
     )
     weight_decay: float = Field(0.1, ge=0.0, description="λ on matrices and embeddings only")
+    l2_form: Literal["grad", "loss"] = Field(
+        "grad",
+        description="adam_l2: grad = g + λp after clipping (torch's Adam); "
+        "loss = the paper's loss term λ sum(w^2), gradient 2λp, before clipping",
+    )
     adamp_delta: float = Field(
         0.1, gt=0.0, description="adamp: project where abs(cos(g, w)) < delta / sqrt(view width)"
     )
@@ -34,7 +39,16 @@ class OptimConfig(Section):
             raise ValueError(f"optim.min_lr ({self.min_lr}) must not exceed optim.lr ({self.lr})")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optim.betas must lie in [0, 1), got {self.betas}")
+        if self.l2_form == "loss" and self.name != "adam_l2":
+            raise ValueError(f"optim.l2_form=loss is a form of adam_l2, not of {self.name}")
         return self
+
+    @property
+    def l2_grad_coef(self) -> float:
+        """c in the L2 gradient term c*p of the decayed weights (0: the decay is not L2)."""
+        if self.name != "adam_l2":
+            return 0.0
+        return 2 * self.weight_decay if self.l2_form == "loss" else self.weight_decay
 
 
 class DeepSpeedConfig(Section):

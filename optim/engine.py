@@ -21,6 +21,7 @@ from configs import ConfigError
 from configs.schema import TrainConfig
 from optim.forms import FORMS, FormAdam
 from optim.groups import param_groups
+from optim.l2 import add_l2_loss_grad
 
 # Decides whether the update of `step` is applied, given its loss and pre-clip grad norm.
 Veto = Callable[[int, float, float], bool]
@@ -78,6 +79,7 @@ def _merge_extra(config: dict[str, Any], extra: dict[str, Any], where: str) -> N
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device):
     """The optimizer of `optim.name`, gated; DeepSpeed's FusedAdam on GPU for the torch forms.
+    With `optim.l2_form=loss` Adam's own weight decay is 0 (the caller hooks the L2 gradient).
 
     adamw, adamw_indep, adam_l2: on the CPU torch's own AdamW/Adam (no kernel build, and bitwise
     what torch users get). adamw_indep is AdamW with wd / lr_max: its per-step shrink
@@ -89,6 +91,8 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torc
         kwargs = dict(form=o.name, delta=o.adamp_delta, wd_ratio=o.adamp_wd_ratio)
     else:
         decoupled = o.name != "adam_l2"
+        if o.l2_form == "loss":  # the decay is the loss term's gradient (optim/l2.py), not Adam's
+            groups = [{**g, "weight_decay": 0.0} for g in groups]
         if o.name == "adamw_indep":
             groups = [{**g, "weight_decay": g["weight_decay"] / o.lr} for g in groups]
         if device.type == "cuda":
@@ -205,7 +209,9 @@ def initialize(
     # DeepSpeed warns about any client optimizer under ZeRO ("untested"); ours is the torch or
     # FusedAdam step behind a gate, checked against torch on every stage in tests/optim.
     logger.setLevel("ERROR")
-    optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg, device)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    add_l2_loss_grad(groups[0]["params"], cfg)
+    optimizer = build_optimizer(groups, cfg, device)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, load_universal)
     )

@@ -71,7 +71,7 @@ def test_paper_sweeps_vary_what_the_paper_varies(tmp_path):
 
     assert [r.config.optim.weight_decay for r in grid("adamw_wd")] == [0.0, 0.1, 0.3]
     l2 = grid("adam_l2")
-    assert {r.config.optim.name for r in l2} == {"adam_l2"}
+    assert {(r.config.optim.name, r.config.optim.l2_form) for r in l2} == {("adam_l2", "loss")}
     coefficients = [r.config.optim.weight_decay for r in l2]
     assert min(coefficients) == 1e-6 and max(coefficients) == 1e-3
     divergence = grid("bf16_divergence")
@@ -84,3 +84,6 @@ def test_paper_sweeps_vary_what_the_paper_varies(tmp_path):
         assert run.config.train.max_steps == 10_000
         source = f"paper_adamw_wd/{run.name}/checkpoints/step_00050000"
         assert run.config.checkpoint.init_from == str(tmp_path / source)
+    # the paper's definitions: the EMA's loss (0.99) beside the model's in every experiment
+    for name in ("adamw_wd", "adam_l2", "bf16_divergence", "finetune_small_lr"):
+        assert {r.config.train.ema for r in grid(name)} == {0.99}, name

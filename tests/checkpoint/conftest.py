@@ -46,7 +46,7 @@ class Runs:
     def _make(self, zero_stage: int, world_size: int, form: str) -> RunSet:
         from checkpoint.export import find_checkpoint
 
-        extra: dict[str, object] = {"optim.name": form}
+        extra: dict[str, object] = {"optim.name": form, **runs.VARIANTS.get(form, {})}
         if form != "adamw":
             extra.update(runs.FORM_EXTRA)
         if form == "adam_spd":

@@ -30,6 +30,8 @@ FORM_EXTRA = {
     "optim.warmup_steps": 2,
     "optim.adamp_delta": 3.0,
 }
+# Run variants that are not decay forms: their overrides besides FORM_EXTRA.
+VARIANTS = {"ema": {"optim.name": "adamw", "train.ema": 0.9, "train.eval_interval": 3}}
 
 
 def overrides(run_dir: Path, zero_stage: int, world_size: int = 1, **extra: object) -> list[str]:

@@ -73,6 +73,26 @@ def test_every_decay_form_resumes_bitwise(training_runs, zero_stage, form):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_weight_ema_resumes_bitwise(training_runs, zero_stage):
+    """The EMA is saved with each checkpoint: its val loss after the cut is the uncut run's."""
+    run_set = training_runs.get(zero_stage, form="ema")
+    assert_interrupted(run_set)
+    assert_bitwise(run_set.reference, run_set.cut)
+
+    def evals(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return {m["step"]: m for m in map(json.loads, lines) if "val_loss" in m}
+
+    expected, got = evals(run_set.reference), evals(run_set.cut)
+    assert sorted(got) == [3, 6, 8]
+    for step, line in expected.items():
+        assert got[step]["val_loss_ema"] == line["val_loss_ema"], step
+        assert line["val_loss_ema"] != line["val_loss"]
+    assert (newest_checkpoint(run_set.cut) / "ema.pt").is_file()
+
+
+@pytest.mark.slow
 def test_adam_spd_refuses_a_resume_on_another_world_size(training_runs, tmp_path):
     """DeepSpeed's universal checkpoint carries weights and moments, not theta_0."""
     run_set = training_runs.get(1, form="adam_spd")

@@ -55,6 +55,10 @@ def train(args: list[str], ranks: int, timeout_s: float = TIMEOUT_S):
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout_s)
 
 
+# The weight EMA rides along, its validation loss compared at the end.
+EMA = {"train.ema": 0.5}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -71,7 +75,8 @@ def out_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(out_dir) -> dict[int, float]:
     """One rank, micro-batch 4 x 2 accumulation steps: the same 8-sequence global batch."""
-    proc = train(overrides(out_dir, "ref", **{"train.grad_accum_steps": 2}), ranks=1)
+    extra = {"train.grad_accum_steps": 2, **EMA}
+    proc = train(overrides(out_dir, "ref", **extra), ranks=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = train_losses(out_dir / "ref")
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -82,9 +87,16 @@ def reference(out_dir) -> dict[int, float]:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_match_one_rank(out_dir, reference, stage):
     name = f"zero{stage}"
-    proc = train(overrides(out_dir, name, zero_stage=stage), ranks=2)
+    proc = train(overrides(out_dir, name, zero_stage=stage, **EMA), ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = out_dir / name
+    ref_val, val = (
+        [m for m in read_jsonl(d / "metrics.jsonl") if "val_loss" in m][-1]
+        for d in (out_dir / "ref", run_dir)
+    )
+    assert val["val_loss"] == pytest.approx(ref_val["val_loss"], abs=1e-5)
+    assert val["val_loss_ema"] == pytest.approx(ref_val["val_loss_ema"], abs=1e-5)
+    assert val["val_loss_ema"] != val["val_loss"]
 
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))

@@ -203,7 +203,7 @@ def max_diff(a: dict, b: dict) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["adamw_indep", "adamp", "adam_spd"])
+@pytest.mark.parametrize("name", ["adamw_indep", "adamp", "adam_spd", "adam_l2_loss"])
 def test_every_zero_stage_and_rank_count_gives_the_same_run(zero_runs, name):
     reference = zero_runs[1][name, 0]
     for ranks in (1, 2):
@@ -217,7 +217,12 @@ def test_every_zero_stage_and_rank_count_gives_the_same_run(zero_runs, name):
 @pytest.mark.slow
 def test_the_forms_fire_where_they_should_and_differ_from_plain_adam(zero_runs):
     runs = zero_runs[1]
-    plain = {"adamw_indep": "adamw", "adamp": "adamw", "adam_spd": "adam_l2"}
+    plain = {
+        "adamw_indep": "adamw",
+        "adamp": "adamw",
+        "adam_spd": "adam_l2",
+        "adam_l2_loss": "adam_l2",
+    }
     for name, other in plain.items():
         assert max_diff(runs[name, 0], runs[other, 0])[1] > 1e-3, name
     adamp = runs["adamp", 0]["fired"]

@@ -21,8 +21,17 @@ from tests.helpers import tiny_overrides
 
 STEPS = 8
 GLOBAL_BATCH = 4
-# (optim.name, weight decay): the new forms, then the plain ones they are compared with
-RUNS = [("adamw_indep", 0.1), ("adamp", 0.1), ("adam_spd", 0.5), ("adamw", 0.1), ("adam_l2", 0.0)]
+# (optim.name, weight decay): the new forms (adam_l2_loss: adam_l2 with l2_form=loss), then the
+# plain ones they are compared with
+RUNS = [
+    ("adamw_indep", 0.1),
+    ("adamp", 0.1),
+    ("adam_spd", 0.5),
+    ("adam_l2_loss", 0.05),
+    ("adamw", 0.1),
+    ("adam_l2", 0.0),
+]
+STAGED = ("adamw_indep", "adamp", "adam_spd", "adam_l2_loss")
 STAGES = (0, 1, 2, 3)
 # A delta above the paper's 0.1, so that on this small GPT some tensors are projected and some not
 ADAMP_DELTA = 3.0
@@ -52,7 +61,8 @@ def config(name: str, weight_decay: float, stage: int, world_size: int):
         "optim.grad_clip": 0.0,  # DeepSpeed's and torch's clip factors differ by an ulp
         "optim.weight_decay": weight_decay,
         "optim.adamp_delta": ADAMP_DELTA,
-        "optim.name": "adamw" if name == "adam_spd" else name,
+        "optim.name": {"adam_spd": "adamw", "adam_l2_loss": "adam_l2"}.get(name, name),
+        "optim.l2_form": "loss" if name == "adam_l2_loss" else "grad",
     }
     cfg = load_config(None, tiny_overrides(**overrides))
     if name == "adam_spd":  # theta_0 is set here from the initial weights, not from init_from
@@ -94,7 +104,7 @@ def main(out: str) -> None:
     env = init_distributed("cpu")
     results = {}
     for name, weight_decay in RUNS:
-        for stage in STAGES if name in ("adamw_indep", "adamp", "adam_spd") else (0,):
+        for stage in STAGES if name in STAGED else (0,):
             results[name, stage] = train(name, weight_decay, stage, env)
     if env.rank == 0:
         torch.save({"world_size": env.world_size, "results": results}, out)

@@ -34,6 +34,8 @@ EXPECTED_RUNS = {
     "proxy_controls": 8,
     "stream_wd": 9,
     "stream_pilot": 3,
+    "cpu_decay_forms_base": 1,
+    "cpu_decay_forms": 10,
 }
 PROXY_BUDGET_MIN = 60
 # a tiny GPT on the built-in corpus: a run is mostly interpreter and DeepSpeed start-up

@@ -30,6 +30,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def resolve_dataset(cfg: DataConfig) -> Path:
     """The prepared directory that `data.dataset` names; prepares the built-in corpus if needed."""
+    if cfg.dataset in ("builtin", "builtin-compact", OPENWEBTEXT) and Path(cfg.data_dir).is_file():
+        raise DataError(
+            f"data.data_dir={cfg.data_dir} is a file: it must be a directory (of prepared "
+            "datasets), or a path that does not exist yet"
+        )
     if cfg.dataset == "builtin":
         return prepare_builtin(cfg.data_dir)
     if cfg.dataset == "builtin-compact":

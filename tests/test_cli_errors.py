@@ -72,6 +72,7 @@ CASES = [
     ("train-resume-missing", "fresh", ["checkpoint.resume={tmp}/nope"], "harness.json"),
     ("train-init-from-missing", "fresh", ["checkpoint.init_from={tmp}/nope"], "harness.json"),
     ("train-dataset-missing", "fresh", ["data.dataset={tmp}/nope"], "no meta.json"),
+    ("train-data-dir-file", "fresh", ["data.data_dir={in}/afile"], "is a file"),
     ("train-meta-corrupt", "fresh", ["data.dataset={in}/meta_corrupt"], "meta.json is unreadable"),
     ("train-vocab-too-small", "fresh", ["data.dataset={data}"], "set model.vocab_size=50304"),
     ("train-wandb-no-login", "fresh", ["wandb.mode=online"], "wandb login"),

@@ -240,10 +240,16 @@ def test_ctrl_c_saves_and_stops(tmp_path):
 
 def test_a_failing_run_closes_its_record_with_the_error(tmp_path):
     """An exception once the run record is open: summary `failed`, with the error in it."""
-    run_dir = tmp_path / "broken"
-    (tmp_path / "not_a_dir").write_text("")
-    proc = run_cli(*finished_run_args(run_dir, **{"data.data_dir": tmp_path / "not_a_dir"}))
-    assert proc.returncode == 1
+    from data.config import DataConfig
+    from data.loader import resolve_dataset
+
+    run_dir, stale = tmp_path / "broken", tmp_path / "stale"
+    builtin = DataConfig(dataset="builtin-compact", data_dir=str(ROOT / "data" / "cache"))
+    shutil.copytree(resolve_dataset(builtin), stale)
+    with open(stale / "train.bin", "r+b") as f:  # found when the loader opens it: record open
+        f.truncate(100_000)
+    proc = run_cli(*finished_run_args(run_dir, **{"data.dataset": stale}))
+    assert proc.returncode == 2
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["steps"] == 0
-    assert "not_a_dir" in summary["error"]
+    assert "train.bin" in summary["error"] and "Traceback" not in proc.stderr

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from data.loader import read_meta
 from data.tokenizer import EOT_TOKEN
 
 GROUP_CHAINS = 1024  # chains sampled side by side (one numpy call covers all of them)
@@ -257,7 +258,7 @@ def window_floor(meta: dict[str, Any], block_size: int) -> float | None:
 
 def loss_floor(data_dir: Path, block_size: int) -> dict[str, Any]:
     """What a run records about its data: the source and, for a stream, its loss floor."""
-    meta = json.loads((data_dir / "meta.json").read_text())
+    meta = read_meta(data_dir) or {}
     rate = (meta.get("generator") or {}).get("entropy_rate") or {}
     return {
         "source": meta.get("source"),

@@ -277,6 +277,7 @@ def test_claim2_reproduced(tmp_path: Path) -> None:
         "drift": 0,
         "attn_logit": 0,
         "output_logit": 0,
+        "slingshot": 0,
     }
     assert bf16["first_divergence_steps"] == bf16["blew_up_steps"] == [30, 32, 34]
     assert bf16["first_divergence_step"]["mean"] == 32 and bf16["first_divergence_step"]["std"] == 2

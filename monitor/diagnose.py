@@ -29,7 +29,6 @@ checkpoint), 1 the diagnosis itself failed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -467,13 +466,7 @@ def after_stop(run_dir: Path, step: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: diagnose one detection of a run directory; see the module docstring."""
-    parser = argparse.ArgumentParser(
-        prog="python -m monitor.diagnose", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("run_dir", type=Path, help="the run directory (<out_dir>/<name>)")
-    parser.add_argument(
-        "--event", type=int, default=0, help="which detection: K-th in events.jsonl, from 0"
-    )
+    parser = replay.detection_parser("python -m monitor.diagnose", __doc__)
     parser.add_argument(
         "--batches", type=int, default=NUM_BATCHES, help="other batches to try the step on"
     )

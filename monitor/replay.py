@@ -192,15 +192,19 @@ def _same(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: replay one detection of a run directory and compare the losses."""
-    parser = argparse.ArgumentParser(
-        prog="python -m monitor.replay", description=__doc__.split("\n\n")[0]
-    )
+def detection_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The arguments of every command about one detection of a run: the run directory and K."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="the run directory (<out_dir>/<name>)")
     parser.add_argument(
         "--event", type=int, default=0, help="which detection: K-th in events.jsonl, from 0"
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: replay one detection of a run directory and compare the losses."""
+    parser = detection_parser("python -m monitor.replay", __doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 if a loss differs")
     args = parser.parse_args(argv)
     try:

@@ -69,6 +69,12 @@ class TrainConfig(Section):
     precision: Literal["bf16", "fp32"] = Field(
         "fp32", description="bf16: autocast bf16 compute, fp32 weights and Adam state"
     )
+    bf16_kernels: Literal["native", "emulated"] = Field(
+        "native",
+        description="with precision=bf16: native: the device's own bf16 autocast kernels; "
+        "emulated: a GPU's tensor-core bf16 arithmetic in fp32 kernels, the same on every CPU "
+        "(model/tensor_core.py)",
+    )
     tf32: bool = Field(False, description="TF32 matmuls in fp32 (GPU only)")
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
@@ -83,6 +89,10 @@ class TrainConfig(Section):
             raise ValueError(
                 "run.move_aside=true moves an old run aside to start afresh: it needs "
                 "checkpoint.resume=never"
+            )
+        if self.bf16_kernels == "emulated" and self.precision != "bf16":
+            raise ValueError(
+                "bf16_kernels=emulated emulates bf16 arithmetic: it needs precision=bf16"
             )
         if self.optim.name == "adam_spd" and self.checkpoint.init_from is None:
             raise ValueError(

@@ -67,7 +67,7 @@ SHORT = dict(
         "optim.weight_decay:wd optim.lr:lr optim.min_lr:minlr optim.grad_clip:clip optim.name: "
         "optim.schedule: precision: model.size: run.seed:s model.qk_layernorm:qkln model.z_loss:zl "
         "model.block_size:ctx model.n_layer:L model.n_embd:d optim.warmup_steps:wu "
-        "train.max_steps:steps"
+        "train.max_steps:steps bf16_kernels:"
     ).split()
 )
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")

@@ -6,10 +6,21 @@ below `ONEDNN_MAX_CPU_ISA` (AVX-512 BF16 and AMX do the products in bf16 hardwar
 picks a flash or a math kernel. One seed on two paths differed by 0.3 nat in bf16 (issue 11),
 more than the effects under study, so `study` never pools runs of different paths into one
 cell. On a GPU the path is the device name.
+
+`python -m monitor.kernel_path [RUN_DIR]` prints this process's path and, given a run, how far its
+bf16 autocast gradient (at the run's last checkpoint, on its validation data) is from a GPU's
+(`model/tensor_core.py`'s emulation) and from fp32: run it under each `ATEN_CPU_CAPABILITY` to
+see which CPU path computes bf16 most like a GPU.
 """
 
+import argparse
+import json
 import os
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,8 +87,97 @@ def kernel_path() -> dict[str, Any]:
     }
 
 
-def device_path(device: torch.device) -> dict[str, Any]:
-    """`kernel_path()` on the CPU; on a GPU the device name (its kernels are another matter)."""
+def device_path(device: torch.device, emulated_bf16: bool = False) -> dict[str, Any]:
+    """`kernel_path()` on the CPU; on a GPU the device name (its kernels are another matter).
+
+    `emulated_bf16` (`bf16_kernels: emulated`): bf16 rounded inside fp32 kernels
+    (model/tensor_core.py), noted as `bf16`. The path stays that of the fp32 kernels, the same as
+    an fp32 run's on this machine, so claim 2 compares the two within one group; the config key
+    `bf16_kernels` keeps native and emulated bf16 runs apart.
+    """
     if device.type == "cuda":
-        return {"path": f"cuda:{torch.cuda.get_device_name(device)}"}
-    return kernel_path()
+        path = {"path": f"cuda:{torch.cuda.get_device_name(device)}"}
+    else:
+        path = dict(kernel_path())
+    if emulated_bf16:
+        path["bf16"] = "tensor-core emulation in fp32 kernels"
+    return path
+
+def bf16_distances(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    """Relative L2 distances between the whole gradients (summed over `batches`) of this
+    process's bf16 autocast ("native"), the tensor-core emulation ("emulated") and fp32."""
+    from model.tensor_core import TensorCoreBF16
+
+    def gradient(context: Callable[[], Any]) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        for x, y in batches:
+            with context():
+                model(x, y).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    fp32 = gradient(nullcontext)
+    native = gradient(lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    emulated = gradient(TensorCoreBF16)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    return {
+        "native_vs_emulated": rel(native, emulated),
+        "native_vs_fp32": rel(native, fp32),
+        "emulated_vs_fp32": rel(emulated, fp32),
+    }
+
+
+def run_distances(run_dir: Path, num_batches: int) -> dict[str, float]:
+    """`bf16_distances` at `run_dir`'s latest checkpoint, on the first of its validation batches."""
+    from checkpoint.export import consolidated_state_dict, find_checkpoint
+    from checkpoint.manager import read_harness
+    from configs.schema import TrainConfig
+    from data.loader import resolve_dataset, validation_batches
+    from model import GPT
+
+    path = find_checkpoint(run_dir)
+    cfg = TrainConfig.model_validate(read_harness(path)["config"])  # the run's own config
+    model = GPT(cfg.model)
+    model.load_state_dict(consolidated_state_dict(path))
+    batches = validation_batches(
+        resolve_dataset(cfg.data) / "val.bin",
+        block_size=cfg.model.block_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        num_sequences=num_batches * cfg.train.micro_batch_size,
+        vocab_size=cfg.model.vocab_size,
+    )
+    return bf16_distances(model, [batch for batch, _ in batches])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: this process's kernel path, and with RUN_DIR its bf16 distances (module doc)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m monitor.kernel_path", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("run_dir", type=Path, nargs="?", help="a run with a checkpoint")
+    parser.add_argument("--batches", type=int, default=4, help="validation micro-batches")
+    args = parser.parse_args(argv)
+    print(json.dumps(kernel_path(), indent=1))
+    if args.run_dir is None:
+        return 0
+    from checkpoint.manager import CheckpointError
+    from configs import ConfigError
+    from data.prepare import DataError
+
+    if args.batches < 1:
+        print(f"error: --batches must be >= 1, got {args.batches}", file=sys.stderr)
+        return 2
+    try:
+        distances = run_distances(args.run_dir, args.batches)
+    except (CheckpointError, ConfigError, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, value in distances.items():
+        print(f"{name.replace('_', ' ')}: {value:.5f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -100,7 +100,7 @@ class RunRecord:
         run_dir.mkdir(parents=True, exist_ok=True)
         meta = {
             **versions(env.world_size),
-            "kernel_path": device_path(env.device),
+            "kernel_path": device_path(env.device, cfg.bf16_kernels == "emulated"),
             "data": loss_floor(data_dir, cfg.model.block_size),
         }
         resolved = {**cfg.model_dump(mode="json"), "meta": meta}

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from configs import ConfigError
 from configs.schema import TrainConfig
+from model.tensor_core import emulate_tensor_cores
 from optim.forms import FORMS, FormAdam
 from optim.groups import param_groups
 from optim.l2 import add_l2_loss_grad
@@ -48,9 +49,9 @@ def deepspeed_config(
         "fp16": {"enabled": False},
         "bf16": {"enabled": False},
         # The paper's bf16: fp32 weights and Adam state, bf16 autocast compute, fp32 gradient
-        # reduction (no module communicates in bf16).
+        # reduction (no module communicates in bf16). Emulated bf16 rounds inside fp32 kernels.
         "torch_autocast": {
-            "enabled": cfg.precision == "bf16",
+            "enabled": cfg.precision == "bf16" and cfg.bf16_kernels == "native",
             "dtype": "bfloat16",
             "lower_precision_safe_modules": [],
         },
@@ -60,8 +61,13 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
+    if cfg.bf16_kernels == "emulated":  # (only with precision=bf16)
+        # ZeRO 3 otherwise swaps F.linear for its own autograd function, which the emulation's
+        # rounding (model/tensor_core.py) cannot see into
+        config["zero_optimization"]["memory_efficient_linear"] = False
     _merge_extra(config, cfg.deepspeed.extra, "deepspeed.extra")
     return config
+
 
 
 def _merge_extra(config: dict[str, Any], extra: dict[str, Any], where: str) -> None:
@@ -215,6 +221,8 @@ def initialize(
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, load_universal)
     )
+    if cfg.bf16_kernels == "emulated":  # (only with precision=bf16)
+        emulate_tensor_cores(engine.module)
     if isinstance(optimizer, FormAdam):
         optimizer.attach(engine, cfg.zero_stage)
     return engine, optimizer

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,16 @@ def _merge_summary(path: Path, computed: dict[str, Any], notes: list[str]) -> di
     return merged
 
 
+@lru_cache(maxsize=1)
+def schema_defaults() -> dict[str, Any]:
+    """Every config key's default, flattened. A run made before a key existed ran as its default
+    says (a new key defaults to the old behaviour), so a run that lacks the key is read with it:
+    otherwise the key would seem to vary and split runs that differ in nothing."""
+    from configs.schema import TrainConfig
+
+    return flatten(TrainConfig().model_dump(mode="json"))
+
+
 def load_run(path: str | Path) -> Run:
     """Read one run directory; a missing config.yaml is a StudyError."""
     path = Path(path)
@@ -262,7 +273,7 @@ def load_run(path: str | Path) -> Run:
         name=path.name,
         path=path,
         config=config,
-        flat_config=flatten(config),
+        flat_config={**schema_defaults(), **flatten(config)},
         metrics=metrics,
         val=val,
         events=events,

@@ -27,6 +27,7 @@ def _mains() -> dict[str, Callable[[list[str]], int]]:
     import launch.sweep
     import monitor.aeos
     import monitor.diagnose
+    import monitor.kernel_path
     import monitor.replay
     import study.compare
     import study.report
@@ -39,6 +40,7 @@ def _mains() -> dict[str, Callable[[list[str]], int]]:
         "monitor.replay": monitor.replay.main,
         "monitor.diagnose": monitor.diagnose.main,
         "monitor.aeos": monitor.aeos.main,
+        "monitor.kernel_path": monitor.kernel_path.main,
         "launch.slurm": launch.slurm.main,
         "launch.sweep": launch.sweep.main,
         "study.compare": study.compare.main,
@@ -58,6 +60,7 @@ CASES = [
     ("train-section-value", "train.py", ["{in}/section.yaml"], "'train' is a section"),
     ("train-wrong-type", "train.py", ["train.max_steps=abc"], "'train.max_steps'"),
     ("train-out-of-range", "train.py", ["train.max_steps=0"], "'train.max_steps'"),
+    ("train-emulated-fp32", "train.py", ["bf16_kernels=emulated"], "needs precision=bf16"),
     ("train-betas-range", "train.py", ["optim.betas=[0.9,1.5]"], "optim.betas"),
     ("train-lr-inf", "train.py", ["optim.lr=inf"], "'optim.lr': Input should be a finite"),
     ("train-wd-nan", "train.py", ["optim.weight_decay=nan"], "'optim.weight_decay'"),
@@ -162,6 +165,8 @@ CASES = [
     ("diagnose-missing", "monitor.diagnose", ["{tmp}/nope"], "not a run directory"),
     ("diagnose-event-type", "monitor.diagnose", ["{run}", "--event", "x"], "--event"),
     ("aeos-lr-type", "monitor.aeos", ["--lrs", "x", "--out", "{tmp}/a"], "--lrs"),
+    ("kernel-path-missing", "monitor.kernel_path", ["{tmp}/nope"], "does not exist"),
+    ("kernel-path-batches", "monitor.kernel_path", ["{run}", "--batches", "0"], "--batches"),
     # data.prepare ngram
     ("ngram-tokens", "data.prepare", ["ngram", "--out", "{tmp}/o", "--tokens", "x"], "token count"),
     (

@@ -34,6 +34,10 @@ EXPECTED_RUNS = {
     "proxy_controls": 8,
     "stream_wd": 9,
     "stream_pilot": 3,
+    "stream_bf16_lr": 2,
+    "stream_bf16": 9,
+    "stream_kernel_path": 2,
+    "stream_adam_l2": 9,
     "cpu_decay_forms_base": 1,
     "cpu_decay_forms": 10,
 }

@@ -6,8 +6,10 @@ import sys
 
 import pytest
 import torch
+import yaml
 
-from monitor.kernel_path import FLAGS, kernel_path, onednn_isa
+from monitor.kernel_path import FLAGS, kernel_path, main, onednn_isa
+from tests.helpers import finished_run_args, run_cli
 
 AMX_CPU = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"]
 
@@ -50,3 +52,24 @@ def test_the_environment_sets_the_path() -> None:
         check=True,
     )
     assert env_run.stdout.strip().startswith("aten:DEFAULT onednn:")
+
+
+def test_an_emulated_bf16_run_records_the_emulation(tmp_path) -> None:
+    run_dir = tmp_path / "emulated"
+    args = finished_run_args(run_dir, precision="bf16", bf16_kernels="emulated")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = yaml.safe_load((run_dir / "config.yaml").read_text())["meta"]
+    assert meta["kernel_path"]["path"] == kernel_path()["path"]  # an fp32 run's: comparable
+    assert meta["kernel_path"]["bf16"] == "tensor-core emulation in fp32 kernels"
+
+
+def test_bf16_distances_of_a_run(finished_run, capsys) -> None:
+    """Autocast, the tensor-core emulation and fp32 at the run's last checkpoint: each bf16
+    gradient is off fp32 by bf16's error (well above fp32's, well below 1)."""
+    assert main([str(finished_run), "--batches", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    distances = dict(line.rsplit(": ", 1) for line in lines if " vs " in line)
+    assert set(distances) >= {"native vs emulated", "native vs fp32", "emulated vs fp32"}
+    assert 1e-4 < float(distances["emulated vs fp32"]) < 0.1
+    assert 1e-4 < float(distances["native vs fp32"]) < 0.1

@@ -131,6 +131,24 @@ def test_bf16_keeps_fp32_master_weights_and_state(dist_env, stage):
     assert engine(x, y).logits.dtype == torch.bfloat16  # the forward runs in bf16
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_emulated_bf16_rounds_in_fp32_kernels(dist_env, stage):
+    """bf16_kernels=emulated: no autocast, the GEMMs' results are bf16 numbers held in fp32."""
+    cfg = load_config(None, tiny_overrides(precision="bf16", bf16_kernels="emulated", zero_stage=stage))
+    assert not deepspeed_config(cfg, 1)["torch_autocast"]["enabled"]
+    losses, weights, engine = engine_run(cfg, dist_env, batches(2))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    logits = engine(*batches(1)[0]).logits
+    assert logits.dtype == torch.float32 and torch.equal(logits, logits.bfloat16().float())
+    native = engine_run(load_config(None, tiny_overrides(precision="bf16")), dist_env, batches(2))
+    assert [r.loss for r in losses] == pytest.approx([r.loss for r in native[0]], abs=0.02)
+
+
+def test_emulated_bf16_needs_bf16():
+    with pytest.raises(ConfigError, match="bf16_kernels=emulated .* needs precision=bf16"):
+        load_config(None, ["bf16_kernels=emulated"])
+
+
 def test_bf16_zero0_matches_zero1(dist_env):
     """DeepSpeed's bf16 ZeRO-0 optimizer trap does not apply: autocast keeps one code path."""
     data = batches(STEPS)

@@ -27,6 +27,7 @@ from study.runs import (
     varying_keys,
 )
 from study.sensitivity import lr_groups, lr_sensitivity
+from tests.study.conftest import config_with, train_line, write_run
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -112,6 +113,18 @@ def test_stale_summary_is_noted(make_run: Callable[..., Path]) -> None:
     assert run.summary["final_loss"] == 4.0  # summary.json wins where it has a value
     assert run.summary["steps"] == 3  # computed where it has none
     assert any("final_loss=4.0 but the logs give 3.0" in note for note in run.notes)
+
+
+def test_a_key_newer_than_a_run_is_read_as_its_default(tmp_path: Path) -> None:
+    """A run made before `bf16_kernels` existed ran as its default says: no key seems to vary."""
+    old = config_with()
+    old.pop("bf16_kernels", None)
+    write_run(tmp_path, "old", old, [train_line(1, 5.0)])
+    write_run(tmp_path, "new", config_with(bf16_kernels="native"), [train_line(1, 5.0)])
+    write_run(tmp_path, "emulated", config_with(bf16_kernels="emulated"), [train_line(1, 5.0)])
+    runs = load_runs([tmp_path / "old", tmp_path / "new"])
+    assert runs[0].flat_config["bf16_kernels"] == "native" and varying_keys(runs) == []
+    assert varying_keys(load_runs([tmp_path / "old", tmp_path / "emulated"])) == ["bf16_kernels"]
 
 
 def test_varying_keys_and_labels(sweep_dir: Path) -> None:

@@ -211,7 +211,9 @@ def test_diverged_runs_are_left_out_of_loss_statistics(tmp_path: Path) -> None:
 # --- claim 2 ---------------------------------------------------------------------------------
 
 
-def divergence_sweep(root: Path, diverge: bool = True, with_bf16_wd0: bool = True) -> Path:
+def divergence_sweep(
+    root: Path, diverge: bool = True, with_bf16_wd0: bool = True, bf16_kernels: str = "native"
+) -> Path:
     """bf16 λ=0 / fp32 λ=0 / bf16 λ=0.1 x 3 seeds; bf16 λ=0 runs blow up at 30, 32, 34.
 
     Seeds 1 and 3 stop with a NaN loss (status diverged, a nonfinite event); seed 2 has a spike
@@ -251,6 +253,8 @@ def divergence_sweep(root: Path, diverge: bool = True, with_bf16_wd0: bool = Tru
                     kwargs = {"jump": stop, "events": [event(stop, "spike", evidence=evidence)]}
             if (precision, wd, seed) == ("bf16", 0.1, 2):
                 kwargs["events"] = [event(20, "attn_logit", metric="attn_logit_max", value=900.0)]
+            if precision == "bf16":
+                kwargs["bf16_kernels"] = bf16_kernels
             write_sweep_run(
                 root,
                 f"{precision}-wd{wd:g}-s{seed}",
@@ -299,6 +303,14 @@ def test_claim2_reproduced(tmp_path: Path) -> None:
     assert fallback["attn_logit_max"] == 39.0 and fallback["log_z_last"] == pytest.approx(3.4)
     assert "Verdict on claim 2: **reproduced**" in text
     assert "claim2_divergence.png" in linked_pngs(tmp_path / "o", text)
+
+
+def test_claim2_emulated_bf16_is_one_group_with_its_fp32_control(tmp_path: Path) -> None:
+    """bf16_kernels=emulated on every bf16 run goes with the precision, not into a group."""
+    sweep = divergence_sweep(tmp_path / "div", bf16_kernels="emulated")
+    c2 = make_report(sweep, out=tmp_path / "o")[0]["claims"]["claim2"]
+    (group,) = c2["groups"]
+    assert group["controls"] == {"fp32": "reproduced", "weight_decay": "reproduced"}
 
 
 def test_claim2_no_divergence_not_reproduced(tmp_path: Path) -> None:

@@ -26,7 +26,18 @@ import numpy as np
 
 from study.runs import DETECTION_KINDS, MISSING, Run, canonical, label, to_float, varying_keys
 from study.sensitivity import LR_KEY, LRGroup, follows_lr
-from study.stats import MIN_SEEDS, Stat, fisher_greater, stat, versus, versus_text
+from study.stats import (
+    EFFECT,
+    MIN_SEEDS,
+    Stat,
+    detectable,
+    fisher_greater,
+    pooled_std,
+    seeds_needed,
+    stat,
+    versus,
+    versus_text,
+)
 
 WD, SEED, OPT, PREC = "optim.weight_decay", "run.seed", "optim.name", "precision"
 PROTECTED = {WD, SEED, OPT, PREC, LR_KEY}  # never dropped as "follows the weight decay"
@@ -525,6 +536,26 @@ def claim3(c1: dict[str, Any]) -> dict[str, Any]:
     verdict = combine(groups)
     reason = joined_reason(groups, verdict, "claim 3")
     return {"title": TITLES["claim3"], "verdict": verdict, "reason": reason, "groups": groups}
+
+
+# --- power -----------------------------------------------------------------------------------
+
+
+def power(items: Sequence[Facts]) -> dict[str, Any]:
+    """How many seeds a cell needs: the seed spread of the final validation loss within cells
+    (runs alike in every varying key but the seed), pooled, and what it resolves."""
+    cells = [(name, stat([f.final_val_loss for f in fs])) for name, fs in contexts(items, ())]
+    std, dof = pooled_std([s for _, s in cells])
+    counts = sorted({s.n for _, s in cells if s.n >= MIN_SEEDS})
+    return {
+        "metric": "final_val_loss",
+        "cells": [{"cell": name, "final_val_loss": s} for name, s in cells],
+        "pooled_std": std,
+        "dof": dof,
+        "effect": EFFECT,
+        "seeds_needed": seeds_needed(std) if dof else None,
+        "detectable": {n: detectable(std, n) for n in counts} if dof else {},
+    }
 
 
 # --- LR sensitivity --------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from study.claims import (
     contexts,
     facts,
     lr_sensitivity,
+    power,
     series,
 )
 from study.compare import markdown_table
@@ -413,6 +414,21 @@ def _paths_md(paths: list[dict[str, Any]]) -> str:
     )
 
 
+def _power_md(p: dict[str, Any]) -> str:
+    if not p["dof"]:
+        return "No cell has two seeds with a final validation loss: no seed spread to size by.\n"
+    rows = [[c["cell"], c["final_val_loss"].text()] for c in p["cells"]]
+    detectable = ", ".join(f"{v:.4f} nat at {n} seeds" for n, v in p["detectable"].items())
+    return (
+        f"Seed spread of the final validation loss within cells, pooled: **σ = "
+        f"{p['pooled_std']:.4f}** ({p['dof']} degrees of freedom). A difference of "
+        f"{p['effect']:g} nat between two cell means exceeds 2 standard errors with "
+        f"**{p['seeds_needed']} seeds per cell** (n > 2·(2σ/{p['effect']:g})²). Smallest "
+        f"difference these runs resolve: {detectable}.\n\n"
+        + markdown_table(["cell", "final val loss (mean ± std over seeds)"], rows)
+    )
+
+
 def write_markdown(out: Path, result: dict[str, Any], plots: dict[str, Path | None]) -> Path:
     sweeps = markdown_table(
         ["sweep", "runs", "listed in sweep.yaml", "statuses", "varies", "comparison report"],
@@ -451,6 +467,7 @@ def write_markdown(out: Path, result: dict[str, Any], plots: dict[str, Path | No
             f"## Claim {key[-1]}: {TITLES[key]}\n\n{_verdict_line(key, c['verdict'])}\n\n"
             f"{c['reason']}\n\n{body(c)}{figures}\n"
         )
+    sections.append(f"## Power: seeds per cell\n\n{_power_md(result['power'])}")
     sections.append(f"## LR sensitivity\n\n{_lr_md(result['lr_sensitivity'])}")
     sections.append(f"## How the numbers are made\n\n{METHOD}")
     if result["notes"]:
@@ -563,6 +580,7 @@ def build_report(
         "sweeps": sweeps,
         "claims": {"claim1": c1, "claim2": claim2(items), "claim3": claim3(c1)},
         "lr_sensitivity": lr_sensitivity(items),
+        "power": power(items),
         "paths": _kernel_paths(runs),
         "notes": notes,
     }

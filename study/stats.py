@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 Z, MIN_SEEDS = 2.0, 2
+EFFECT = 0.02  # nats: the smallest difference in final validation loss a study should resolve
 
 
 @dataclass
@@ -80,3 +81,27 @@ def fisher_greater(a: int, n_a: int, b: int, n_b: int) -> float:
     return sum(
         math.comb(hits, k) * math.comb(total - hits, n_a - k) for k in range(a, min(hits, n_a) + 1)
     ) / math.comb(total, n_a)
+
+
+def pooled_std(stats: Sequence[Stat]) -> tuple[float, int]:
+    """The seed spread within cells, pooled over cells by degrees of freedom: (std, dof).
+
+    Cells differ in their means but, on one proxy, hardly in their spread, so pooling the
+    spread of several small cells estimates it better than any one cell can.
+    """
+    cells = [s for s in stats if s.n >= 2]
+    dof = sum(s.n - 1 for s in cells)
+    if not dof:
+        return math.nan, 0
+    return math.sqrt(sum((s.n - 1) * s.std**2 for s in cells) / dof), dof
+
+
+def seeds_needed(std: float, effect: float = EFFECT) -> int:
+    """Seeds per cell for a difference `effect` of two cell means to exceed Z standard errors:
+    the smallest n with Z * std * sqrt(2 / n) < effect."""
+    return math.floor(2 * (Z * std / effect) ** 2) + 1
+
+
+def detectable(std: float, n: int) -> float:
+    """The smallest difference of two n-seed cell means that exceeds Z standard errors."""
+    return Z * std * math.sqrt(2 / n)

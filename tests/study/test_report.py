@@ -21,7 +21,7 @@ import pytest
 from study import compare
 from study.report import build_report, default_out, main
 from study.runs import load_runs
-from study.stats import fisher_greater, stat, versus
+from study.stats import detectable, fisher_greater, pooled_std, seeds_needed, stat, versus
 from tests.study.conftest import config_with, event, train_line, write_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,6 +113,27 @@ def test_fisher_by_hand() -> None:
     assert fisher_greater(2, 2, 0, 2) == pytest.approx(1 / 6)
     assert fisher_greater(3, 3, 1, 3) == pytest.approx(4 / 20)
     assert fisher_greater(0, 3, 0, 3) == 1.0
+
+
+def test_power_by_hand() -> None:
+    """σ = 0.01 in every cell (4 degrees of freedom); n > 2·(2σ/0.02)² = 20,000·σ² seeds."""
+    std, dof = pooled_std([stat([3.31, 3.29, 3.30]), stat([3.21, 3.19, 3.20]), stat([3.0])])
+    assert (std, dof) == (pytest.approx(0.01), 4)
+    assert seeds_needed(0.012) == 3 and seeds_needed(0.017) == 6 and seeds_needed(0.05) == 51
+    assert detectable(std, 3) == pytest.approx(2 * 0.01 * math.sqrt(2 / 3))
+    assert pooled_std([stat([1.0])]) == (pytest.approx(math.nan, nan_ok=True), 0)
+
+
+def test_the_report_sizes_seeds_from_the_spread_within_cells(tmp_path: Path) -> None:
+    """wd_sweep's final val losses are final + 0.1 + NOISE[seed]: the same spread in each cell."""
+    claims, text = make_report(wd_sweep(tmp_path / "wd", {0.0: 3.3, 0.1: 3.2}), out=tmp_path / "o")
+    p = claims["power"]
+    spread = float(np.std(NOISE, ddof=1))
+    assert (p["pooled_std"], p["dof"]) == (pytest.approx(spread), 4)
+    assert p["seeds_needed"] == seeds_needed(p["pooled_std"]) in (2, 3)  # 20,000·σ² = 2
+    assert [c["final_val_loss"]["n"] for c in p["cells"]] == [3, 3]
+    assert p["detectable"] == {"3": pytest.approx(detectable(spread, 3))}
+    assert f"**{p['seeds_needed']} seeds per cell**" in text
 
 
 # --- claim 1 ---------------------------------------------------------------------------------

@@ -85,7 +85,22 @@ def attention(
 class TensorCoreBF16(TorchFunctionMode):
     """While active, `F.linear` and SDPA compute as a GPU's bf16 tensor cores do (module doc)."""
 
-    OPS = {F.linear: linear, F.scaled_dot_product_attention: attention}
+    # torch's own kernels, whatever F.linear has been rebound to since
+    OPS = {
+        torch._C._nn.linear: linear,
+        torch._C._nn.scaled_dot_product_attention: attention,
+    }
+
+    def __enter__(self) -> "TensorCoreBF16":
+        if F.linear is not torch._C._nn.linear:
+            # DeepSpeed ZeRO 3's memory-efficient linear rebinds F.linear for the whole process
+            # to an autograd function whose GEMMs the mode cannot round
+            raise RuntimeError(
+                f"F.linear is {F.linear.__qualname__}, not torch's: the tensor-core emulation "
+                "cannot see its GEMMs (a ZeRO 3 engine with memory_efficient_linear was built "
+                "in this process); build emulated engines in a fresh process"
+            )
+        return super().__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # the mode is off inside this method, so the fp32 kernels below are not intercepted again

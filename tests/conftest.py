@@ -9,6 +9,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture
+def torch_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's own F.linear: a ZeRO 3 engine built earlier in this process leaves DeepSpeed's
+    memory-efficient linear bound to it, which the bf16 emulation refuses (model/tensor_core.py)."""
+    monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)
+
+
 @pytest.fixture(scope="session")
 def dist_env():
     """A one-rank gloo process group on the CPU, as `python train.py` gets."""

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -11,6 +12,8 @@ from model import GPT
 from model.config import ModelConfig
 from model.tensor_core import TensorCoreBF16, attention, emulate_tensor_cores, linear, round_bf16
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.usefixtures("torch_linear")
 
 CONFIG = ModelConfig(vocab_size=256, n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True)
 
@@ -119,3 +122,11 @@ def test_emulation_is_the_same_on_every_aten_kernel_path(tmp_path) -> None:
         grads.append(torch.load(out))
     a, b = grads
     assert (a - b).norm() / b.norm() < 2e-3  # bf16's own error is ~5e-3 (the test above)
+
+
+def test_a_rebound_f_linear_is_refused(monkeypatch) -> None:
+    """ZeRO 3's memory-efficient linear rebinds F.linear process-wide; the emulation says so."""
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: x @ w.T)
+    with pytest.raises(RuntimeError, match="cannot see its GEMMs"):
+        with TensorCoreBF16():
+            pass

@@ -64,7 +64,7 @@ def test_an_emulated_bf16_run_records_the_emulation(tmp_path) -> None:
     assert meta["kernel_path"]["bf16"] == "tensor-core emulation in fp32 kernels"
 
 
-def test_bf16_distances_of_a_run(finished_run, capsys) -> None:
+def test_bf16_distances_of_a_run(finished_run, capsys, torch_linear) -> None:
     """Autocast, the tensor-core emulation and fp32 at the run's last checkpoint: each bf16
     gradient is off fp32 by bf16's error (well above fp32's, well below 1)."""
     assert main([str(finished_run), "--batches", "2"]) == 0

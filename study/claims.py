@@ -239,53 +239,71 @@ def arm_name(optimizer: str, wd: float) -> str:
 # --- claim 1 ---------------------------------------------------------------------------------
 
 
-def _arm_row(optimizer: str, wd: float, items: list[Facts], base: Stat) -> dict[str, Any]:
-    final = stat([f.final_loss for f in items])
+def _arm_row(
+    optimizer: str, wd: float, items: list[Facts], base: Stat, on_val: bool
+) -> dict[str, Any]:
+    final, val = stat([f.final_loss for f in items]), stat([f.final_val_loss for f in items])
+    loss = val if on_val else final  # what the verdict compares (`verdict_loss`)
     return {
         "optimizer": optimizer,
         "weight_decay": wd,
         "runs": len(items),
         "left_out": len(items) - final.n,
         "final_loss": final,
-        "final_val_loss": stat([f.final_val_loss for f in items]),
+        "final_val_loss": val,
+        "loss": loss,
         "val_gap_to_floor": stat([f.val_gap_to_floor for f in items]),
         "mid_loss": stat([f.mid_loss for f in items]),
         "param_norm_decay": stat([f.norm_decay for f in items]),
         "eff_lr_decay": stat([f.eff_lr_decay for f in items]),
         "adam_eff_lr": stat([f.adam_eff_lr for f in items]),
-        "final_vs_baseline": versus(final, base),
+        "final_vs_baseline": versus(loss, base),
     }
+
+
+def verdict_loss(items: Sequence[Facts]) -> bool:
+    """Whether the verdict compares final validation losses rather than final train losses.
+
+    Validation when every run that did not blow up has one: in one pass over fresh data both
+    estimate the same expected loss, and the fixed validation set averages over far more tokens
+    than the last few logged training batches, so its seed spread is the smaller one.
+    """
+    kept = [f for f in items if not f.blew_up]
+    return bool(kept) and all(math.isfinite(f.final_val_loss) for f in kept)
 
 
 def _claim1_group(name: str, items: list[Facts]) -> dict[str, Any]:
     by_arm = arms(items)
     base_runs = baseline(by_arm)
-    base = _arm_row("adamw", 0.0, base_runs, Stat([]))
-    rows = [_arm_row(o, wd, fs, base["final_loss"]) for (o, wd), fs in by_arm.items()]
+    on_val = verdict_loss(items)
+    what = "final validation loss" if on_val else "final train loss"
+    base = _arm_row("adamw", 0.0, base_runs, Stat([]), on_val)
+    rows = [_arm_row(o, wd, fs, base["loss"], on_val) for (o, wd), fs in by_arm.items()]
     decayed = [r for r in rows if r["optimizer"] == "adamw" and r["weight_decay"] > 0]
     known = [r for r in decayed if r["final_vs_baseline"]["sign"] != "unknown"]
     text = "; ".join(
-        f"λ={r['weight_decay']:g}: {r['final_loss'].text()}, {versus_text(r['final_vs_baseline'])}"
+        f"λ={r['weight_decay']:g}: {r['loss'].text()}, {versus_text(r['final_vs_baseline'])}"
         for r in decayed
     )
     if not base_runs or not decayed:
         verdict, reason = CANNOT_TELL, "needs AdamW runs at λ=0 and at some λ>0 in one setting."
-    elif not base["final_loss"].n:
+    elif not base["loss"].n:
         verdict = CANNOT_TELL
         reason = f"all {len(base_runs)} λ=0 runs blew up: no final loss to compare against."
-    elif base["final_loss"].n < MIN_SEEDS or not known:
+    elif base["loss"].n < MIN_SEEDS or not known:
         verdict = CANNOT_TELL
-        reason = f"too few seeds to see the spread (λ=0: {base['final_loss'].text()}; {text})."
+        reason = f"too few seeds to see the spread (λ=0: {base['loss'].text()}; {text})."
     else:
         lower = [r for r in known if r["final_vs_baseline"]["sign"] == "lower"]
         verdict = REPRODUCED if lower else NOT_REPRODUCED
         ends = "ends lower than" if lower else "does not end below"
         reason = (
-            f"final train loss at λ=0 is {base['final_loss'].text()}; {text}. Weight decay "
+            f"{what} at λ=0 is {base['loss'].text()}; {text}. Weight decay "
             f"{ends} no decay beyond 2 SE of the seed spread."
         )
     group = {"group": name, "verdict": verdict, "reason": reason, "arms": rows}
-    group["baseline"] = base["final_loss"]
+    group["baseline"] = base["loss"]
+    group["loss_name"] = what
     group["mechanism"] = _mechanism(base, known)
     group["order"] = _order(base, known)
     return group
@@ -481,19 +499,20 @@ def _claim3_group(c1_group: dict[str, Any]) -> dict[str, Any]:
         rows = [
             r
             for r in c1_group["arms"]
-            if r["optimizer"] == optimizer and r["weight_decay"] > 0 and r["final_loss"].n
+            if r["optimizer"] == optimizer and r["weight_decay"] > 0 and r["loss"].n
         ]
         if rows:
-            row = min(rows, key=lambda r: r["final_loss"].mean)
+            row = min(rows, key=lambda r: r["loss"].mean)
             gain = row["final_vs_baseline"]
             best[optimizer] = {
                 "weight_decay": row["weight_decay"],
-                "final_loss": row["final_loss"],
+                "loss": row["loss"],
                 "vs_baseline": gain,
                 "improvement_percent": -100 * gain["diff"] / base.mean,
             }
     group: dict[str, Any] = {
         "group": c1_group["group"],
+        "loss_name": c1_group["loss_name"],
         "baseline": base,
         "best": best,
         "arms": c1_group["arms"],
@@ -505,7 +524,7 @@ def _claim3_group(c1_group: dict[str, Any]) -> dict[str, Any]:
         group.update(verdict=CANNOT_TELL, reason=reason)
         return group
     w, l2 = best["adamw"], best["adam_l2"]
-    gap = versus(l2["final_loss"], w["final_loss"])
+    gap = versus(l2["loss"], w["loss"])
     group["l2_minus_adamw"] = gap
     reason = (
         f"no decay {base.text()}; best AdamW λ={w['weight_decay']:g} "

@@ -246,8 +246,8 @@ def _claim1_md(c1: dict[str, Any]) -> str:
             str(r["runs"]),
             str(r["left_out"]),
             r["final_loss"].text(),
-            versus_text(r["final_vs_baseline"]) if r["weight_decay"] > 0 else "-",
             r["final_val_loss"].text(),
+            versus_text(r["final_vs_baseline"]) if r["weight_decay"] > 0 else "-",
             r["val_gap_to_floor"].text(),
             r["mid_loss"].text(),
             r["param_norm_decay"].text(".4g"),
@@ -258,11 +258,13 @@ def _claim1_md(c1: dict[str, Any]) -> str:
         for r in g["arms"]
     ]
     headers = (
-        "group|arm|runs|left out (blew up)|final train loss|vs λ=0 (± 2 SE)|final val loss"
-        "|val gap to floor|mid-training loss|decay-group norm (final)"
+        "group|arm|runs|left out (blew up)|final train loss|final val loss"
+        "|verdict's loss vs λ=0 (± 2 SE)|val gap to floor|mid-training loss|decay-group norm (final)"
         "|eff. LR decay group (2nd half)|Adam eff. LR, paper's (2nd half)"
     ).split("|")
+    compared = "; ".join(f"{g['group']}: {g['loss_name']}" for g in c1["groups"])
     return (
+        f"- The verdict compares ({compared}): the validation loss wherever every run has one.\n"
         f"- Mechanism (decay-group norm lower, effective LR higher): "
         f"**{c1['mechanism']['verdict']}**. {c1['mechanism']['reason']}\n"
         f"- Mid-training vs final order (paper: larger λ higher mid-training, lower at the end): "
@@ -334,7 +336,7 @@ def _claim3_md(c3: dict[str, Any]) -> str:
         if not b:
             return "-"
         if what == "arm":
-            return f"{arm_name(o, b['weight_decay'])}: {b['final_loss'].text()}"
+            return f"{arm_name(o, b['weight_decay'])}: {b['loss'].text()}"
         percent = _dash(b["improvement_percent"], ".2f")
         return f"{versus_text(b['vs_baseline'])}; improvement {percent}%"
 
@@ -355,7 +357,8 @@ def _claim3_md(c3: dict[str, Any]) -> str:
         "|vs no decay (± 2 SE), improvement|Adam+L2 minus AdamW"
     ).split("|")
     return (
-        "Best = lowest mean final train loss over each optimizer's grid (picking the best of "
+        "Best = lowest mean final loss (claim 1's verdict loss) over each optimizer's grid "
+        "(picking the best of "
         "several arms favours it slightly; the 2 SE bar does not correct for that).\n\n"
         + markdown_table(headers, rows)
     )

@@ -197,6 +197,20 @@ def test_kernel_paths_are_never_pooled_and_the_floor_gap_is_reported(tmp_path: P
     assert "| 3.5000 | 3.6000 | 0.8500 | 0 | - | 1,200 | cuda:H100 |" in table
 
 
+def test_claim1_compares_validation_losses_only_where_every_run_has_one(tmp_path: Path) -> None:
+    sweep = wd_sweep(tmp_path / "wd", {0.0: 3.3, 0.1: 3.2})
+    group = make_report(sweep, out=tmp_path / "o")[0]["claims"]["claim1"]["groups"][0]
+    assert group["loss_name"] == "final validation loss"
+    assert group["arms"][1]["loss"]["mean"] == pytest.approx(3.3)  # final + 0.1
+    metrics = sweep / "wd0-s2" / "metrics.jsonl"
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    lines[-1].pop("val_loss")
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    group = make_report(sweep, out=tmp_path / "o2")[0]["claims"]["claim1"]["groups"][0]
+    assert group["loss_name"] == "final train loss"
+    assert group["arms"][1]["loss"]["mean"] == pytest.approx(3.2)
+
+
 def test_claim1_identical_losses_not_reproduced(tmp_path: Path) -> None:
     claims, text = make_report(wd_sweep(tmp_path / "wd", {0.0: 3.3, 0.1: 3.3}), out=tmp_path / "o")
     c1 = claims["claims"]["claim1"]
@@ -402,13 +416,14 @@ def test_claim3(tmp_path: Path, l2_finals: dict[float, float], verdict: str) -> 
     c3 = claims["claims"]["claim3"]
     assert c3["verdict"] == verdict, c3["reason"]
     (group,) = c3["groups"]  # optim.name does not split the groups: one shared baseline
-    assert group["baseline"]["mean"] == pytest.approx(3.3)
+    assert group["loss_name"] == "final validation loss"  # every run has one: final + 0.1
+    assert group["baseline"]["mean"] == pytest.approx(3.4)
     assert group["best"]["adamw"]["weight_decay"] == 0.1
     assert group["best"]["adamw"]["vs_baseline"]["diff"] == pytest.approx(-0.1)
-    assert group["best"]["adamw"]["improvement_percent"] == pytest.approx(100 * 0.1 / 3.3)
+    assert group["best"]["adamw"]["improvement_percent"] == pytest.approx(100 * 0.1 / 3.4)
     best_l2 = min(l2_finals, key=l2_finals.get)
     assert group["best"]["adam_l2"]["weight_decay"] == best_l2
-    assert group["best"]["adam_l2"]["final_loss"]["mean"] == pytest.approx(l2_finals[best_l2])
+    assert group["best"]["adam_l2"]["loss"]["mean"] == pytest.approx(l2_finals[best_l2] + 0.1)
     assert group["l2_minus_adamw"]["diff"] == pytest.approx(l2_finals[best_l2] - 3.2)
     assert f"Verdict on claim 3: **{verdict}**" in text
     assert [s["runs"] for s in claims["sweeps"]] == [9, 6]

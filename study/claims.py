@@ -45,6 +45,7 @@ DIVERGENCE_KINDS = ("nonfinite", "spike", "drift", "output_logit")  # attn_logit
 FISHER_P = 0.05
 FINAL_WINDOW = 0.05  # final train loss: mean over the last 5% of train.max_steps
 MID_WINDOW = (0.35, 0.45)  # the paper's mid-training comparison is at 20k of 50k steps
+MID_VAL_REACH = 0.1  # a mid-training evaluation may sit this far (fraction of the run) from 40%
 RECOVERY = 0.5  # a run that gives back over half its loss drop by its end did not recover
 EVIDENCE_STEPS = 32  # monitor's default evidence window; used when an event carries none
 REPRODUCED, NOT_REPRODUCED, CANNOT_TELL = "reproduced", "not reproduced", "cannot tell"
@@ -95,6 +96,7 @@ class Facts:
     final_val_loss: float
     val_gap_to_floor: float  # final val loss above the data's loss floor (NaN: no floor known)
     mid_loss: float
+    mid_val_loss: float  # the evaluation nearest the middle of MID_WINDOW (NaN: none near it)
     norm_decay: float
     eff_lr_decay: float
     adam_eff_lr: float  # the paper's Adam effective LR, mean lr/(sqrt(v)+eps), 2nd half
@@ -144,6 +146,14 @@ def _blew_up(run: Run, first_step: int | None, width: float) -> bool:
     return not np.isfinite(end).all() or end.mean() > level + RECOVERY * (run.initial_loss - level)
 
 
+def _mid_val(run: Run, max_steps: float) -> float:
+    """The validation loss evaluated nearest the middle of MID_WINDOW, if within
+    MID_VAL_REACH of it (evaluations are sparse: 3 in a run that evaluates every 400 steps)."""
+    middle = sum(MID_WINDOW) / 2 * max_steps
+    near = [s for s in run.val if abs(s - middle) <= MID_VAL_REACH * max_steps]
+    return run.val[min(near, key=lambda s: abs(s - middle))] if near else math.nan
+
+
 def facts(run: Run) -> Facts:
     """Read the claim numbers off one run (see the module docstring for the windows)."""
     cfg, summary = run.flat_config, run.summary
@@ -182,6 +192,7 @@ def facts(run: Run) -> Facts:
         final_val_loss=to_float(summary.get("final_val_loss")) * left_out,
         val_gap_to_floor=(to_float(summary.get("final_val_loss")) - run.loss_floor) * left_out,
         mid_loss=_window_mean(run, "loss", *(f * max_steps for f in MID_WINDOW)) * left_out,
+        mid_val_loss=_mid_val(run, max_steps) * left_out,
         norm_decay=(float(norms[-1]) if norms.size else math.nan) * left_out,
         eff_lr_decay=_window_mean(run, "eff_lr/decay", max_steps / 2, math.inf) * left_out,
         adam_eff_lr=_window_mean(run, "adam_eff_lr", max_steps / 2, math.inf) * left_out,
@@ -254,6 +265,7 @@ def _arm_row(
         "loss": loss,
         "val_gap_to_floor": stat([f.val_gap_to_floor for f in items]),
         "mid_loss": stat([f.mid_loss for f in items]),
+        "mid_val_loss": stat([f.mid_val_loss for f in items]),
         "param_norm_decay": stat([f.norm_decay for f in items]),
         "eff_lr_decay": stat([f.eff_lr_decay for f in items]),
         "adam_eff_lr": stat([f.adam_eff_lr for f in items]),
@@ -305,7 +317,7 @@ def _claim1_group(name: str, items: list[Facts]) -> dict[str, Any]:
     group["baseline"] = base["loss"]
     group["loss_name"] = what
     group["mechanism"] = _mechanism(base, known)
-    group["order"] = _order(base, known)
+    group["order"] = _order(base, known, on_val)
     return group
 
 
@@ -326,24 +338,29 @@ def _mechanism(base: dict[str, Any], known: list[dict[str, Any]]) -> dict[str, A
     return {"verdict": verdict, "reason": "vs λ=0, " + "; ".join(parts) + "."}
 
 
-def _order(base: dict[str, Any], known: list[dict[str, Any]]) -> dict[str, Any]:
-    """The paper's crossover: the largest λ is above λ=0 mid-training and below it at the end."""
+def _order(base: dict[str, Any], known: list[dict[str, Any]], on_val: bool) -> dict[str, Any]:
+    """The paper's crossover: the largest λ is above λ=0 mid-training and below it at the end.
+
+    On validation losses where every run has a mid-training evaluation and the verdict reads
+    validation losses; on the train-loss windows otherwise.
+    """
     if not known:
         return {"verdict": CANNOT_TELL, "reason": "too few seeds or no λ>0."}
     top = known[-1]
-    mid, end = (
-        versus(top["mid_loss"], base["mid_loss"]),
-        versus(top["final_loss"], base["final_loss"]),
-    )
+    mid_key = "mid_loss"
+    if on_val and all(r["mid_val_loss"].n == r["loss"].n for r in (base, top)):
+        mid_key = "mid_val_loss"
+    mid, end = versus(top[mid_key], base[mid_key]), versus(top["loss"], base["loss"])
     if "unknown" in (mid["sign"], end["sign"]):
         verdict = CANNOT_TELL
     else:
         verdict = (
             REPRODUCED if (mid["sign"], end["sign"]) == ("higher", "lower") else NOT_REPRODUCED
         )
+    what = "validation" if mid_key == "mid_val_loss" else "train"
     reason = (
-        f"λ={top['weight_decay']:g} minus λ=0: mid-training {versus_text(mid)}, "
-        f"final {versus_text(end)}."
+        f"λ={top['weight_decay']:g} minus λ=0 ({what} losses): mid-training "
+        f"{versus_text(mid)}, final {versus_text(end)}."
     )
     return {"verdict": verdict, "reason": reason}
 

@@ -211,6 +211,20 @@ def test_claim1_compares_validation_losses_only_where_every_run_has_one(tmp_path
     assert group["arms"][1]["loss"]["mean"] == pytest.approx(3.2)
 
 
+def test_claim1_order_reads_mid_training_validation_where_every_run_has_it(tmp_path: Path) -> None:
+    """An evaluation at step 16 (40% of 40): the order compares validation losses there."""
+    sweep = wd_sweep(tmp_path / "wd", {0.0: 3.3, 0.3: 3.2})
+    for metrics in sweep.glob("*/metrics.jsonl"):
+        lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+        wd = 0.3 if "wd0.3" in metrics.parent.name else 0.0
+        lines[16]["val_loss"] = 4.0 + wd + NOISE[int(metrics.parent.name[-1]) - 1]
+        metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    c1 = make_report(sweep, out=tmp_path / "o")[0]["claims"]["claim1"]
+    assert c1["groups"][0]["arms"][1]["mid_val_loss"]["mean"] == pytest.approx(4.3)
+    assert c1["order"]["verdict"] == "reproduced"
+    assert "(validation losses): mid-training +0.3000" in c1["order"]["reason"]
+
+
 def test_claim1_identical_losses_not_reproduced(tmp_path: Path) -> None:
     claims, text = make_report(wd_sweep(tmp_path / "wd", {0.0: 3.3, 0.1: 3.3}), out=tmp_path / "o")
     c1 = claims["claims"]["claim1"]

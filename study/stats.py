@@ -98,8 +98,9 @@ def pooled_std(stats: Sequence[Stat]) -> tuple[float, int]:
 
 def seeds_needed(std: float, effect: float = EFFECT) -> int:
     """Seeds per cell for a difference `effect` of two cell means to exceed Z standard errors:
-    the smallest n with Z * std * sqrt(2 / n) < effect."""
-    return math.floor(2 * (Z * std / effect) ** 2) + 1
+    the smallest n with Z * std * sqrt(2 / n) < effect, and never below MIN_SEEDS (one seed
+    shows no spread to judge by)."""
+    return max(MIN_SEEDS, math.floor(2 * (Z * std / effect) ** 2) + 1)
 
 
 def detectable(std: float, n: int) -> float:

@@ -33,7 +33,6 @@ EXPECTED_RUNS = {
     "proxy_bf16_divergence": 9,
     "proxy_controls": 8,
     "stream_wd": 9,
-    "stream_pilot": 3,
     "stream_bf16_lr": 2,
     "stream_bf16": 9,
     "stream_kernel_path": 2,

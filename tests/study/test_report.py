@@ -120,6 +120,7 @@ def test_power_by_hand() -> None:
     std, dof = pooled_std([stat([3.31, 3.29, 3.30]), stat([3.21, 3.19, 3.20]), stat([3.0])])
     assert (std, dof) == (pytest.approx(0.01), 4)
     assert seeds_needed(0.012) == 3 and seeds_needed(0.017) == 6 and seeds_needed(0.05) == 51
+    assert seeds_needed(0.001) == 2  # a spread needs two seeds to be seen at all
     assert detectable(std, 3) == pytest.approx(2 * 0.01 * math.sqrt(2 / 3))
     assert pooled_std([stat([1.0])]) == (pytest.approx(math.nan, nan_ok=True), 0)
 

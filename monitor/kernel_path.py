@@ -10,7 +10,8 @@ cell. On a GPU the path is the device name.
 `python -m monitor.kernel_path [RUN_DIR]` prints this process's path and, given a run, how far its
 bf16 autocast gradient (at the run's last checkpoint, on its validation data) is from a GPU's
 (`model/tensor_core.py`'s emulation) and from fp32: run it under each `ATEN_CPU_CAPABILITY` to
-see which CPU path computes bf16 most like a GPU.
+see which CPU path computes bf16 most like a GPU. `--ops FILE` saves the model's ops on fixed
+inputs as this path computes them, and `--ops-compare A B` says which op two paths disagree on.
 """
 
 import argparse
@@ -103,6 +104,7 @@ def device_path(device: torch.device, emulated_bf16: bool = False) -> dict[str, 
         path["bf16"] = "tensor-core emulation in fp32 kernels"
     return path
 
+
 def bf16_distances(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]):
     """Relative L2 distances between the whole gradients (summed over `batches`) of this
     process's bf16 autocast ("native"), the tensor-core emulation ("emulated") and fp32."""
@@ -151,6 +153,38 @@ def run_distances(run_dir: Path, num_batches: int) -> dict[str, float]:
     return bf16_distances(model, [batch for batch, _ in batches])
 
 
+def op_outputs() -> dict[str, torch.Tensor]:
+    """The model's ops in the dtypes bf16 autocast runs them in, on fixed seeded inputs: the
+    same numbers on every path but for the path's own kernels (saved per path, then compared)."""
+    from torch.nn import functional as F
+
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).mul(2)
+
+    q, k, v = (randn(8, 2, 128, 32).bfloat16() for _ in range(3))
+    x, w = randn(8, 128, 256).bfloat16(), randn(64, 256).bfloat16()
+    return {
+        "sdpa (bf16)": F.scaled_dot_product_attention(q, k, v, is_causal=True).float(),
+        "gelu (bf16)": F.gelu(x, approximate="tanh").float(),
+        "linear (bf16)": F.linear(x, w).float(),
+        "softmax (bf16)": torch.softmax(x, dim=-1).float(),
+        "layer_norm (fp32)": F.layer_norm(x.float(), (256,)),
+    }
+
+
+def compare_ops(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """Per op: (relative L2 difference, fraction of outputs that differ) between two paths."""
+    return {
+        name: (
+            float((a[name] - b[name]).norm() / b[name].norm()),
+            float((a[name] != b[name]).float().mean()),
+        )
+        for name in a.keys() & b.keys()
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: this process's kernel path, and with RUN_DIR its bf16 distances (module doc)."""
     parser = argparse.ArgumentParser(
@@ -158,8 +192,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", type=Path, nargs="?", help="a run with a checkpoint")
     parser.add_argument("--batches", type=int, default=4, help="validation micro-batches")
+    parser.add_argument("--ops", type=Path, help="save this path's op outputs to this file")
+    parser.add_argument(
+        "--ops-compare", type=Path, nargs=2, metavar=("A", "B"), help="two --ops files"
+    )
     args = parser.parse_args(argv)
+    if args.ops_compare:
+        try:
+            a, b = (torch.load(p, weights_only=True) for p in args.ops_compare)
+            paths, ops = (a["path"], b["path"]), (a["ops"], b["ops"])
+        except Exception as err:  # torch.load's error depends on the bytes it meets
+            line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(
+                f"error: {' or '.join(map(str, args.ops_compare))}: not an --ops file ({line})",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"{paths[0]} against {paths[1]}:")
+        for name, (rel, frac) in sorted(compare_ops(*ops).items(), key=lambda i: -i[1][0]):
+            print(f"{name}: relative difference {rel:.2e}, {frac:.2%} of outputs differ")
+        return 0
     print(json.dumps(kernel_path(), indent=1))
+    if args.ops:
+        torch.save({"path": kernel_path()["path"], "ops": op_outputs()}, args.ops)
+        print(f"wrote {args.ops}")
     if args.run_dir is None:
         return 0
     from checkpoint.manager import CheckpointError

@@ -69,7 +69,6 @@ def deepspeed_config(
     return config
 
 
-
 def _merge_extra(config: dict[str, Any], extra: dict[str, Any], where: str) -> None:
     for key, value in extra.items():
         if key in config and isinstance(config[key], dict) and isinstance(value, dict):

@@ -167,6 +167,12 @@ CASES = [
     ("aeos-lr-type", "monitor.aeos", ["--lrs", "x", "--out", "{tmp}/a"], "--lrs"),
     ("kernel-path-missing", "monitor.kernel_path", ["{tmp}/nope"], "does not exist"),
     ("kernel-path-batches", "monitor.kernel_path", ["{run}", "--batches", "0"], "--batches"),
+    (
+        "kernel-path-ops-file",
+        "monitor.kernel_path",
+        ["--ops-compare", "{in}/empty.yaml", "{in}/empty.yaml"],
+        "not an --ops file",
+    ),
     # data.prepare ngram
     ("ngram-tokens", "data.prepare", ["ngram", "--out", "{tmp}/o", "--tokens", "x"], "token count"),
     (

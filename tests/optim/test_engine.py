@@ -134,7 +134,9 @@ def test_bf16_keeps_fp32_master_weights_and_state(dist_env, stage):
 @pytest.mark.parametrize("stage", [0, 3])
 def test_emulated_bf16_rounds_in_fp32_kernels(dist_env, stage, torch_linear):
     """bf16_kernels=emulated: no autocast, the GEMMs' results are bf16 numbers held in fp32."""
-    cfg = load_config(None, tiny_overrides(precision="bf16", bf16_kernels="emulated", zero_stage=stage))
+    cfg = load_config(
+        None, tiny_overrides(precision="bf16", bf16_kernels="emulated", zero_stage=stage)
+    )
     assert not deepspeed_config(cfg, 1)["torch_autocast"]["enabled"]
     losses, weights, engine = engine_run(cfg, dist_env, batches(2))
     assert all(w.dtype == torch.float32 for w in weights.values())

@@ -214,14 +214,15 @@ def _determine(runs: Sequence[Run], key: str, other: str) -> bool:
 
 
 def contexts(items: Sequence[Facts], drop: Sequence[str]) -> list[tuple[str, list[Facts]]]:
-    """Runs grouped by every varying key except the seed, `drop` and their one-to-one partners
-    (and the precision's: `bf16_kernels=emulated` on every bf16 run is part of the bf16 arm)."""
+    """Runs grouped by every varying key except the seed, `drop` and their one-to-one partners,
+    and the precision's and optimizer's (`bf16_kernels=emulated` on every bf16 run is part of the
+    bf16 arm, `optim.l2_form=loss` on every Adam+L2 run part of that arm)."""
     runs = [f.run for f in items]
     keys = [k for k in varying_keys(runs) if k not in drop and k != SEED]
     keys = [
         k
         for k in keys
-        if k in PROTECTED or not any(_determine(runs, k, o) for o in (WD, SEED, PREC))
+        if k in PROTECTED or not any(_determine(runs, k, o) for o in (WD, SEED, PREC, OPT))
     ]
     groups: dict[str, tuple[str, list[Facts]]] = {}
     for f in items:

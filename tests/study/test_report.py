@@ -410,6 +410,7 @@ def l2_sweep(root: Path, finals: dict[float, float]) -> Path:
                 f"l2{coefficient:g}-s{seed}",
                 final=final + NOISE[seed - 1],
                 optim__name="adam_l2",
+                optim__l2_form="loss",  # the paper's form: goes with the optimizer, not a group
                 optim__weight_decay=coefficient,
                 run__seed=seed,
             )

@@ -278,8 +278,9 @@ def verdict_loss(items: Sequence[Facts]) -> bool:
     """Whether the verdict compares final validation losses rather than final train losses.
 
     Validation when every run that did not blow up has one: in one pass over fresh data both
-    estimate the same expected loss, and the fixed validation set averages over far more tokens
-    than the last few logged training batches, so its seed spread is the smaller one.
+    estimate the same expected loss, and every run is scored on the same fixed set, where each
+    run's last training batches are its own (its seed orders the data), so a difference between
+    runs is the models' alone.
     """
     kept = [f for f in items if not f.blew_up]
     return bool(kept) and all(math.isfinite(f.final_val_loss) for f in kept)

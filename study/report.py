@@ -397,8 +397,8 @@ METHOD = f"""\
   steps); mid-training val loss: the evaluation nearest {sum(MID_WINDOW) / 2:.0%} of the run,
   within {MID_VAL_REACH:.0%} of it. Claims 1 and 3 compare final (and, for the order,
   mid-training) validation losses where every run has them: on one pass over fresh data they
-  estimate the same expected loss as the train loss, over far more tokens. Runs that blew up
-  (claim 2) are left out of loss, norm and effective-LR statistics.
+  estimate the same expected loss as the train loss, on the same fixed set for every run. Runs
+  that blew up (claim 2) are left out of loss, norm and effective-LR statistics.
 - Decay-group norm: last logged `param_norm/decay`; effective LR: mean `eff_lr/decay`
   (`lr / ||w_decay||`) over the second half of the run; the paper's Adam effective LR: mean
   `adam_eff_lr` (mean over weights of `lr / (sqrt(v) + eps)`) over the second half.

@@ -105,6 +105,11 @@ def device_path(device: torch.device, emulated_bf16: bool = False) -> dict[str, 
     return path
 
 
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: how far a result is from a reference, whatever its scale."""
+    return float((a - b).norm() / b.norm())
+
+
 def bf16_distances(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]):
     """Relative L2 distances between the whole gradients (summed over `batches`) of this
     process's bf16 autocast ("native"), the tensor-core emulation ("emulated") and fp32."""
@@ -120,19 +125,16 @@ def bf16_distances(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor,
     fp32 = gradient(nullcontext)
     native = gradient(lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     emulated = gradient(TensorCoreBF16)
-
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b).norm() / b.norm())
-
     return {
-        "native_vs_emulated": rel(native, emulated),
-        "native_vs_fp32": rel(native, fp32),
-        "emulated_vs_fp32": rel(emulated, fp32),
+        "native_vs_emulated": relative_difference(native, emulated),
+        "native_vs_fp32": relative_difference(native, fp32),
+        "emulated_vs_fp32": relative_difference(emulated, fp32),
     }
 
 
 def run_distances(run_dir: Path, num_batches: int) -> dict[str, float]:
-    """`bf16_distances` at `run_dir`'s latest checkpoint, on the first of its validation batches."""
+    """`bf16_distances` at `run_dir`'s latest checkpoint, on the first `num_batches` micro-batches
+    of its validation set."""
     from checkpoint.export import consolidated_state_dict, find_checkpoint
     from checkpoint.manager import read_harness
     from configs.schema import TrainConfig
@@ -177,10 +179,7 @@ def op_outputs() -> dict[str, torch.Tensor]:
 def compare_ops(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """Per op: (relative L2 difference, fraction of outputs that differ) between two paths."""
     return {
-        name: (
-            float((a[name] - b[name]).norm() / b[name].norm()),
-            float((a[name] != b[name]).float().mean()),
-        )
+        name: (relative_difference(a[name], b[name]), float((a[name] != b[name]).float().mean()))
         for name in a.keys() & b.keys()
     }
 

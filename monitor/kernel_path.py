@@ -42,7 +42,7 @@ _ONEDNN_ISAS = (
 def cpu_flags() -> tuple[str, list[str]]:
     """(model name, the FLAGS this CPU has), from /proc/cpuinfo ('' and [] where there is none)."""
     try:
-        text = open("/proc/cpuinfo").read()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "", []
     lines = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)

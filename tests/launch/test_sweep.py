@@ -36,7 +36,7 @@ EXPECTED_RUNS = {
     "stream_bf16_lr": 2,
     "stream_bf16": 9,
     "stream_kernel_path": 2,
-    "stream_adam_l2": 6,
+    "stream_adam_l2": 12,
     "cpu_decay_forms_base": 1,
     "cpu_decay_forms": 10,
 }

@@ -192,12 +192,10 @@ def kill_tree(pid: int) -> None:
 
 
 def last_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    # a line the run is still writing has no newline yet: only whole lines count
-    lines = path.read_text().split("\n")[:-1]
-    return max((json.loads(line)["step"] for line in lines if line), default=0)
+    """The last step logged so far; a line the run is still writing is left out."""
+    from monitor.replay import read_jsonl
+
+    return max((record["step"] for record in read_jsonl(run_dir / "metrics.jsonl")), default=0)
 
 
 def losses(run_dir: Path) -> dict[int, tuple[float, float, float]]:

@@ -1,7 +1,7 @@
 # The two commands of the README: `make train` and `make test`. Each works on a fresh machine.
 PYTHON ?= python
 
-.PHONY: install slurm train test
+.PHONY: install slurm train test test-paths
 
 # torch first and pinned: resolved through another package it could pull a multi-GB CUDA build.
 install:
@@ -19,5 +19,14 @@ slurm:
 train: install
 	$(PYTHON) train.py
 
+# The CPU kernel path first, so that a failure is attributable at a glance (tests/conftest.py).
 test: install slurm
+	$(PYTHON) -m monitor.kernel_path
 	$(PYTHON) -m pytest
+
+# The bf16-sensitive tests again on every kernel path below this CPU's (tests/conftest.py).
+BF16_SENSITIVE = tests/monitor tests/optim/test_engine.py
+test-paths: install
+	@$(PYTHON) -m monitor.kernel_path --lower-paths | while read -r path; do \
+		echo "== $$path"; env $$path $(PYTHON) -m pytest -q $(BF16_SENSITIVE) || exit 1; \
+	done

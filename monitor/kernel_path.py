@@ -7,11 +7,13 @@ picks a flash or a math kernel. One seed on two paths differed by 0.3 nat in bf1
 more than the effects under study, so `study` never pools runs of different paths into one
 cell. On a GPU the path is the device name.
 
-`python -m monitor.kernel_path [RUN_DIR]` prints this process's path and, given a run, how far its
-bf16 autocast gradient (at the run's last checkpoint, on its validation data) is from a GPU's
-(`model/tensor_core.py`'s emulation) and from fp32: run it under each `ATEN_CPU_CAPABILITY` to
-see which CPU path computes bf16 most like a GPU. `--ops FILE` saves the model's ops on fixed
-inputs as this path computes them, and `--ops-compare A B` says which op two paths disagree on.
+`python -m monitor.kernel_path [RUN_DIR]` prints this process's path (`--lower-paths`: the
+environments that simulate each lower path this CPU can take, one line each) and, given a run,
+how far its bf16 autocast gradient (at the run's last checkpoint, on its validation data) is
+from a GPU's (`model/tensor_core.py`'s emulation) and from fp32: run it under each
+`ATEN_CPU_CAPABILITY` to see which CPU path computes bf16 most like a GPU. `--ops FILE` saves
+the model's ops on fixed inputs as this path computes them, and `--ops-compare A B` says which
+op two paths disagree on.
 """
 
 import argparse
@@ -58,6 +60,26 @@ def onednn_isa(flags: list[str], max_isa: str | None) -> str:
     if max_isa and max_isa.upper() in ladder:
         usable = [isa for isa in usable if ladder.index(isa) >= ladder.index(max_isa.upper())]
     return usable[0] if usable else "none"
+
+
+# The CPU paths seen so far, highest first: (oneDNN ISA cap, ATen capability, the CPU flag the
+# path needs). An AMX CPU can simulate every path below its own; an AVX2-only one only ATen's
+# scalar `default`, the bottom rung, which needs no flag.
+_PATHS = (
+    ("AVX512_CORE_AMX", "avx512", "amx_bf16"),
+    ("AVX512_CORE_BF16", "avx512", "avx512_bf16"),
+    ("AVX512_CORE", "avx512", "avx512f"),
+    ("AVX2", "avx2", "avx2"),
+)
+
+
+def lower_paths(flags: list[str]) -> list[dict[str, str]]:
+    """The environments that put this process on each kernel path below the CPU's own, highest
+    first, ending with ATen's scalar kernels: what the bf16-sensitive tests run under
+    (`make test-paths`) so that a test pinned to one CPU's kernels fails on any machine."""
+    usable = [(isa, aten) for isa, aten, flag in _PATHS if flag in flags]
+    lower = [{"ONEDNN_MAX_CPU_ISA": isa, "ATEN_CPU_CAPABILITY": aten} for isa, aten in usable[1:]]
+    return [*lower, {"ATEN_CPU_CAPABILITY": "default"}]
 
 
 def sdpa_backend(dtype: torch.dtype) -> str:
@@ -191,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", type=Path, nargs="?", help="a run with a checkpoint")
     parser.add_argument("--batches", type=int, default=4, help="validation micro-batches")
+    parser.add_argument(
+        "--lower-paths",
+        action="store_true",
+        help="print the environments of the kernel paths below this CPU's, one line each",
+    )
     parser.add_argument("--ops", type=Path, help="save this path's op outputs to this file")
     parser.add_argument(
         "--ops-compare", type=Path, nargs=2, metavar=("A", "B"), help="two --ops files"
@@ -210,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{paths[0]} against {paths[1]}:")
         for name, (rel, frac) in sorted(compare_ops(*ops).items(), key=lambda i: -i[1][0]):
             print(f"{name}: relative difference {rel:.2e}, {frac:.2%} of outputs differ")
+        return 0
+    if args.lower_paths:
+        for env in lower_paths(cpu_flags()[1]):
+            print(" ".join(f"{name}={value}" for name, value in env.items()))
         return 0
     print(json.dumps(kernel_path(), indent=1))
     if args.ops:

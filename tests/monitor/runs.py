@@ -48,10 +48,13 @@ LR_BLOW_UP: dict[str, object] = {
 }
 
 
+N_LAYER = 2
+
+
 def overrides(run_dir: Path, corpus: Path, **extra: object) -> list[str]:
     """The dotted overrides of a test run; detector thresholds stay at their defaults."""
     values: dict[str, object] = {
-        "model.n_layer": 2,
+        "model.n_layer": N_LAYER,
         "model.n_head": 2,
         "model.n_embd": 32,
         "model.block_size": 32,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from monitor.kernel_path import FLAGS, kernel_path, main, onednn_isa
+from monitor.kernel_path import FLAGS, kernel_path, lower_paths, main, onednn_isa
 from tests.helpers import finished_run_args, run_cli
 
 AMX_CPU = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"]
@@ -100,3 +100,32 @@ def test_ops_of_two_paths_compared(tmp_path, capsys) -> None:
     assert main(["--ops-compare", str(native), str(native)]) == 0
     same = capsys.readouterr().out.splitlines()[1:]
     assert all("relative difference 0.00e+00, 0.00% of outputs differ" in line for line in same)
+
+
+@pytest.mark.parametrize(
+    ("flags", "paths"),
+    [
+        (
+            AMX_CPU,
+            [
+                "AVX512_CORE_BF16 avx512",
+                "AVX512_CORE avx512",
+                "AVX2 avx2",
+                "- default",
+            ],
+        ),
+        (
+            ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"],
+            ["AVX512_CORE avx512", "AVX2 avx2", "- default"],
+        ),
+        (["avx2", "fma"], ["- default"]),
+        ([], ["- default"]),
+    ],
+)
+def test_lower_paths_are_the_rungs_below_this_cpu(flags: list[str], paths: list[str]) -> None:
+    """issue 19's matrix: each CPU kind simulates every path seen so far below its own."""
+    got = [
+        f"{env.get('ONEDNN_MAX_CPU_ISA', '-')} {env['ATEN_CPU_CAPABILITY']}"
+        for env in lower_paths(flags)
+    ]
+    assert got == paths

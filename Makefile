@@ -21,12 +21,12 @@ train: install
 
 # The CPU kernel path first, so that a failure is attributable at a glance (tests/conftest.py).
 test: install slurm
-	$(PYTHON) -m monitor.kernel_path
+	$(PYTHON) -m postmortem.kernel_path
 	$(PYTHON) -m pytest
 
 # The bf16-sensitive tests again on every kernel path below this CPU's (tests/conftest.py).
 BF16_SENSITIVE = tests/monitor tests/optim/test_engine.py
 test-paths: install
-	@$(PYTHON) -m monitor.kernel_path --lower-paths | while read -r path; do \
+	@$(PYTHON) -m postmortem.kernel_path --lower-paths | while read -r path; do \
 		echo "== $$path"; env $$path $(PYTHON) -m pytest -q $(BF16_SENSITIVE) || exit 1; \
 	done

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint.config import CheckpointConfig
-from monitor.sinks import write_json_atomic, write_text_atomic
+from common.files import write_json_atomic, write_text_atomic
 
 HARNESS_FILE = "harness.json"
 MANIFEST_FILE = "manifest.json"

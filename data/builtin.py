@@ -109,7 +109,7 @@ def _section(title: str, doc: str | None) -> str:
 def prepare_builtin(data_dir: str | Path) -> Path:
     """Prepare the corpus on first use and return its directory; later calls return at once."""
     # Imported here: this file must also run with the standard library alone (see above).
-    from data.prepare import TextSource, prepare
+    from data.text import TextSource, prepare
 
     def build(out_dir: Path) -> None:
         version = sys.version.split()[0]
@@ -136,7 +136,7 @@ def prepare_builtin_compact(data_dir: str | Path) -> Path:
     """
     import numpy as np
 
-    from data.prepare import META_FILE, file_sha256
+    from data.dataset import META_FILE, file_sha256
 
     full = prepare_builtin(data_dir)
 
@@ -173,7 +173,7 @@ def _prepare_once(out_dir: Path, build) -> Path:
     The first caller takes an exclusive lock and builds, the others wait on the lock and then
     find the finished directory (a `meta.json` in it means finished).
     """
-    from data.prepare import META_FILE
+    from data.dataset import META_FILE
 
     if (out_dir / META_FILE).exists():
         return out_dir

@@ -12,7 +12,6 @@ sequence of global batches depends only on (data, block_size, seed, G), not on h
 across ranks and accumulation steps, and resuming needs only the position p.
 """
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 
 from data.builtin import prepare_builtin, prepare_builtin_compact
 from data.config import DataConfig
-from data.prepare import META_FILE, OPENWEBTEXT, DataError, file_sha256
+from data.dataset import META_FILE, OPENWEBTEXT, DataError, file_sha256, read_meta
 from data.tokenizer import VOCAB_SIZE
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -88,23 +87,6 @@ def open_tokens(
         # that is 18 GB per rank, which a prepared directory's meta.json spares).
         _check_ids(tokens, vocab_size, str(path))
     return tokens
-
-
-def read_meta(directory: Path) -> dict[str, Any] | None:
-    """The `meta.json` of a prepared directory (None if it has none); one-line error if broken."""
-    meta_path = Path(directory) / META_FILE
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(
-            f"{meta_path} is unreadable ({err}): prepare the dataset again "
-            "(python -m data.prepare ... --force)"
-        ) from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("splits", {}), dict):
-        raise DataError(f"{meta_path} is not a data.prepare meta.json: prepare the dataset again")
-    return meta
 
 
 def _meta_vocab_size(path: Path) -> int | None:

@@ -25,7 +25,15 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from data.loader import read_meta
+from data.dataset import (
+    META_FILE,
+    DataError,
+    check_writable,
+    file_sha256,
+    finish,
+    read_meta,
+    sync,
+)
 from data.tokenizer import EOT_TOKEN
 
 GROUP_CHAINS = 1024  # chains sampled side by side (one numpy call covers all of them)
@@ -288,14 +296,13 @@ def prepare_ngram(
     make them small. Raises `DataError` for bad arguments; an existing output is untouched.
     """
     from data.builtin import prepare_builtin
-    from data.prepare import META_FILE, DataError, _check_writable, _sync, file_sha256, finish
 
     if num_tokens < 1 or val_tokens < 1:
         raise DataError(f"--tokens and --val-tokens must be >= 1, got {num_tokens}, {val_tokens}")
     if not 2 <= vocab_size <= 2**16:
         raise DataError(f"--vocab must be in [2, 65536], got {vocab_size}")
     out_dir = Path(out_dir)
-    _check_writable(out_dir, force)
+    check_writable(out_dir, force)
     corpus_dir = prepare_builtin(data_dir)
     corpus_meta = json.loads((corpus_dir / META_FILE).read_text())
     corpus = np.concatenate(
@@ -320,7 +327,7 @@ def prepare_ngram(
                     model, count, seed, name, out,
                     group_chains=group_chains, chain_tokens=chain_tokens,
                 )  # fmt: skip
-                _sync(out)
+                sync(out)
             splits[name] = {"file": path.name, "num_tokens": count, "sha256": file_sha256(path)}
         rate = entropy_rate(model, seed, chain_tokens)
         meta = {

@@ -16,13 +16,10 @@ from configs.schema import TrainConfig
 if TYPE_CHECKING:
     from launch.sweep import Run, Sweep
 
-# CPU cost model, fitted to train.py runs on one core of this project's 2-core machine with two
-# sweeps side by side (OMP_NUM_THREADS=1): a 4-layer, 64-wide GPT with the 10k compact vocabulary
-# took 45 s for 550 steps of 2 x 64 tokens and 174 s for 600 steps of 8 x 64 tokens. About
-# 10 GFLOP/s of model FLOPs, 0.02 s per step (DeepSpeed step, gate, telemetry), 10 s per run
-# (imports, DeepSpeed init), 0.5 s per checkpoint of a small model. Wider models and batches use
-# the cores better, so for them it is an upper bound: the default config (128 wide, 16 x 128
-# tokens) is estimated at 14.5 minutes and took 78 s on 2 idle cores.
+# CPU cost model: model FLOPs at a fixed rate, plus fixed costs per step, per run (imports,
+# DeepSpeed init) and per checkpoint of a small model, fitted to one-thread runs of a small GPT
+# (the fit, its machine and its runs: docs/launching.md). Wider models and batches use the cores
+# better, so for them it is an upper bound.
 CPU_FLOPS_PER_S, CPU_STEP_S, CPU_RUN_S, CPU_CHECKPOINT_S = 10e9, 0.02, 10.0, 0.5
 
 

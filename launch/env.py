@@ -5,7 +5,7 @@ Everything here is a pure function of its inputs (an environment mapping or a su
 talking to the others: the address is the first host of the allocation, the port a hash of the
 job id. `apply` is the only function that touches `os.environ`.
 
-The variables set are the ones `torchrun` sets and `train.run` reads: MASTER_ADDR, MASTER_PORT,
+The variables set are the ones `torchrun` sets and `trainer.run` reads: MASTER_ADDR, MASTER_PORT,
 RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and GROUP_RANK (the node index).
 """
 

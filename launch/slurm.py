@@ -8,7 +8,7 @@
 The config is loaded and validated here, in the submitting process, so a typo fails before
 anything is queued. The job runs one task per GPU (`--tasks-per-node` on CPU-only clusters);
 each task derives the torch.distributed rendezvous from its environment (`launch.env`) and
-calls `train.run(config)` in-process. The run directory is made absolute before submission,
+calls `trainer.run(config)` in-process. The run directory is made absolute before submission,
 so every attempt of the job, on any node, writes to the same place.
 
 Preemption, time limits and requeue
@@ -24,11 +24,11 @@ Three parties handle signals inside a task, installed in this order:
    every step since the last periodic save.
 2. `TrainTask` replaces that SIGUSR2 handler with `_RequeueOnSignal`, which only records the
    request and forwards it to the harness's own handler, so the harness saves first.
-3. `train.run` installs its handlers for SIGUSR1 and SIGTERM: they make the loop save a
+3. `trainer.run` installs its handlers for SIGUSR1 and SIGTERM: they make the loop save a
    checkpoint at the next step boundary, log a `preempt` event and return status
    `preempted`. SIGTERM now reaches the harness instead of submitit's ignore.
 
-When `train.run` returns `preempted` and a requeue was asked for, rank 0 runs submitit's
+When `trainer.run` returns `preempted` and a requeue was asked for, rank 0 runs submitit's
 original handler itself: the checkpoint is on disk by then, so the requeued job (same job id,
 same pickled config with `checkpoint.resume=auto`) resumes from it in the same run directory,
 and so continues the same wandb run (monitor/sinks.py derives the wandb id from the absolute
@@ -102,7 +102,7 @@ class _RequeueOnSignal:
         self.grace_s = grace_s
         self.requested = False  # submitit's signal arrived while training
         self.forwarded = False  # the harness was told
-        self.finished = False  # train.run returned
+        self.finished = False  # trainer.run returned
 
     @classmethod
     def install(cls, rank: int, grace_s: float) -> "_RequeueOnSignal | None":
@@ -132,7 +132,7 @@ class _RequeueOnSignal:
         self.requested = True
         print(f"[launch] {signal.Signals(signum).name}: checkpoint, then requeue", flush=True)
         if self.finished:
-            return  # train.run has returned: __call__ decides from its final status
+            return  # trainer.run has returned: __call__ decides from its final status
         if not self._forward(frame):
             signal.setitimer(signal.ITIMER_REAL, self.RECHECK_S)
 
@@ -145,7 +145,7 @@ class _RequeueOnSignal:
         self.submitit_handler(self.signum, frame)  # rank 0 requeues and exits; others log
 
     def stop_timer(self) -> None:
-        """Called when train.run returns: later signals are only recorded."""
+        """Called when trainer.run returns: later signals are only recorded."""
         self.finished = True
         signal.setitimer(signal.ITIMER_REAL, 0)
 
@@ -165,7 +165,7 @@ class _RequeueOnSignal:
 
 
 class TrainTask(submitit.helpers.Checkpointable):
-    """One rank of the job: rendezvous from the environment, then `train.run(config)`."""
+    """One rank of the job: rendezvous from the environment, then `trainer.run(config)`."""
 
     def __init__(
         self,
@@ -203,11 +203,14 @@ class TrainTask(submitit.helpers.Checkpointable):
         return summary
 
     def train(self, config: TrainConfig) -> dict[str, Any]:
-        """`train.run`, imported late: torch and deepspeed load only inside the job."""
-        import train
+        """`trainer.run`, imported late: torch and deepspeed load only inside the job; then, as
+        `python train.py` does, the diagnosis of a divergence stop when the config asks."""
+        import trainer
         from launch.distributed import close_distributed
+        from postmortem.diagnose import diagnose_stop
 
-        summary = train.run(config)
+        summary = trainer.run(config)
+        diagnose_stop(config, summary)
         close_distributed()
         return summary
 

@@ -48,10 +48,10 @@ from typing import Any, NoReturn
 
 import yaml
 
+from common.files import write_text_atomic
 from configs import ConfigError, load_config, parse_override, read_yaml, to_yaml
 from configs.schema import TrainConfig
 from launch.cost import CPU_FLOPS_PER_S, Cost, estimate
-from monitor.sinks import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXECUTORS = ("slurm", "local", "debug", "serial")

@@ -15,8 +15,9 @@ import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from common.files import json_number, json_safe
 
 if TYPE_CHECKING:
     from monitor.config import DivergenceConfig
@@ -32,35 +33,6 @@ GRAD_NORM_LOG_FLOOR = math.log(1.05)
 # Keeps a z-score finite when a window is perfectly constant and every floor is zero.
 _MIN_SCALE = 1e-12
 STATE_VERSION = 1
-
-
-def json_number(value: float) -> float | str:
-    """A float as strict JSON allows it: non-finite values become 'nan', 'inf' or '-inf'."""
-    value = float(value)
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return value
-
-
-def json_safe(value: Any) -> Any:
-    """A copy of a metrics value (nested dicts/lists of numbers and strings) that is strict JSON.
-
-    Raises TypeError for anything else, so a tensor slipping into the evidence fails loudly here
-    instead of later in `json.dumps`.
-    """
-    if value is None or isinstance(value, bool | str):
-        return value
-    if isinstance(value, Integral):
-        return int(value)
-    if isinstance(value, Real):
-        return json_number(float(value))
-    if isinstance(value, Mapping):
-        return {str(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
-    raise TypeError(f"cannot store a {type(value).__name__} as JSON evidence: {value!r}")
 
 
 def _optional_float(value: float | None) -> float | None:

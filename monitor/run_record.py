@@ -11,7 +11,7 @@ import yaml
 from configs.schema import TrainConfig
 from data.ngram import loss_floor
 from launch.distributed import DistEnv
-from monitor.kernel_path import device_path
+from monitor.device_path import device_path
 from monitor.sinks import Progress, RunFiles, WandbSink
 
 

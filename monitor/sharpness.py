@@ -43,7 +43,6 @@ from configs import ConfigError
 from configs.schema import TrainConfig
 from data.loader import BatchLoader
 from model import GPT
-from optim.config import OptimConfig
 from optim.schedule import lr_at
 
 # Lanczos stops when ||A y - theta y|| <= RESIDUAL_TOL * |theta| for the top Ritz pair.
@@ -153,20 +152,6 @@ def preconditioner(
     """Adam's diagonal P_t = (1 - beta1^t) (sqrt(v_t / (1 - beta2^t)) + eps), elementwise."""
     beta1, beta2 = betas
     return (1 - beta1**num_steps) * ((exp_avg_sq / (1 - beta2**num_steps)).sqrt() + eps)
-
-
-def decoupled_shrink(o: OptimConfig, lr: float) -> float:
-    """The per-step decoupled shrink d_t toward zero of the decay group at rate `lr`.
-
-    torch's form (adamw; adamp, whose wd_ratio on projected tensors is ignored here) shrinks by
-    lr * wd, the AdamW paper's (adamw_indep) by (lr / lr_max) * wd; adam_l2 adds curvature
-    instead, and adam_spd decays toward the starting weights, not zero: 0 for both.
-    """
-    if o.name in ("adamw", "adamp"):
-        return o.weight_decay * lr
-    if o.name == "adamw_indep":
-        return o.weight_decay * lr / o.lr
-    return 0.0
 
 
 def stability_threshold(beta1: float, lr: float, decay_per_step: float = 0.0) -> float:
@@ -290,7 +275,7 @@ class SharpnessProbe:
             return {}
         o = self.cfg.optim
         lr = lr_at(step, o, self.cfg.train.max_steps)  # the rate of the next update
-        return self.measure(lr, decoupled_shrink(o, lr), o.l2_grad_coef)
+        return self.measure(lr, o.shrink_per_step(lr), o.l2_grad_coef)
 
     def _refresh(self, num_steps: int) -> tuple[list[nn.Parameter], torch.Tensor, torch.Tensor]:
         """Copy the current weights into the fp32 copy; (its params, P^-1/2 flat, decay mask)."""

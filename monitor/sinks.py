@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.files import json_safe, write_json_atomic
 from configs import ConfigError
 from monitor.config import WandbConfig
-from monitor.detectors import json_safe
 
 # metrics.jsonl keys -> wandb names, namespaced and with units where they have one.
 WANDB_NAMES = {
@@ -30,18 +30,6 @@ WANDB_NAMES = {
     "tokens": "train/tokens",
     "skipped_steps": "train/skipped_steps",
 }
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` in one rename, so a reader or a crash never sees half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """`write_text_atomic` of `data` as strict JSON (non-finite floats as 'nan', 'inf')."""
-    write_text_atomic(path, json.dumps(json_safe(data), indent=2) + "\n")
 
 
 class RunFiles:

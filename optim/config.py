@@ -44,6 +44,35 @@ class OptimConfig(Section):
         return self
 
     @property
+    def decoupled(self) -> bool:
+        """Whether the decay acts on the weights apart from the gradient: every form but
+        adam_l2, whose λ enters the gradient (and so Adam's moments)."""
+        return self.name != "adam_l2"
+
+    def torch_weight_decay(self, decay: float) -> float:
+        """The `weight_decay` torch's Adam/AdamW (or FusedAdam) takes for a group whose λ is
+        `decay`: λ itself; λ / lr_max for adamw_indep, so that torch's lr_t * wd is the AdamW
+        paper's (lr_t / lr_max) λ; 0 for `l2_form=loss`, whose decay is the loss term's
+        gradient (optim/l2.py)."""
+        if self.l2_form == "loss":
+            return 0.0
+        return decay / self.lr if self.name == "adamw_indep" else decay
+
+    def shrink_per_step(self, lr: float) -> float:
+        """The per-step decoupled shrink d_t toward zero of the decay group at rate `lr`.
+
+        torch's form (adamw; adamp, whose wd_ratio on projected tensors is ignored here)
+        shrinks by lr * λ, the AdamW paper's (adamw_indep) by (lr / lr_max) * λ; adam_l2 adds
+        curvature instead (`l2_grad_coef`), and adam_spd decays toward the starting weights,
+        not zero: 0 for both.
+        """
+        if self.name in ("adamw", "adamp"):
+            return self.weight_decay * lr
+        if self.name == "adamw_indep":
+            return self.weight_decay * lr / self.lr
+        return 0.0
+
+    @property
     def l2_grad_coef(self) -> float:
         """c in the L2 gradient term c*p of the decayed weights (0: the decay is not L2)."""
         if self.name != "adam_l2":

@@ -95,17 +95,13 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torc
         base = FormAdam
         kwargs = dict(form=o.name, delta=o.adamp_delta, wd_ratio=o.adamp_wd_ratio)
     else:
-        decoupled = o.name != "adam_l2"
-        if o.l2_form == "loss":  # the decay is the loss term's gradient (optim/l2.py), not Adam's
-            groups = [{**g, "weight_decay": 0.0} for g in groups]
-        if o.name == "adamw_indep":
-            groups = [{**g, "weight_decay": g["weight_decay"] / o.lr} for g in groups]
+        groups = [{**g, "weight_decay": o.torch_weight_decay(g["weight_decay"])} for g in groups]
         if device.type == "cuda":
             from deepspeed.ops.adam import FusedAdam
 
-            base, kwargs = FusedAdam, {"adam_w_mode": decoupled}
+            base, kwargs = FusedAdam, {"adam_w_mode": o.decoupled}
         else:
-            base = torch.optim.AdamW if decoupled else torch.optim.Adam
+            base = torch.optim.AdamW if o.decoupled else torch.optim.Adam
             kwargs = {"foreach": True}
     kwargs.update(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     gated_cls = type(f"Gated{base.__name__}", (_GatedStep, base), {})

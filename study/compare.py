@@ -361,7 +361,7 @@ def _sensitivity_section(groups: Sequence[LRGroup], out: Path) -> tuple[str, lis
 
 
 def diagnoses_section(runs: Sequence[Run], run_labels: Sequence[str], out: Path) -> str | None:
-    """A line per `diagnosis` event (`python -m monitor.diagnose`), linking its report."""
+    """A line per `diagnosis` event (`python -m postmortem.diagnose`), linking its report."""
     items = []
     for run, text in zip(runs, run_labels, strict=True):
         for e in run.events:

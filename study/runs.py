@@ -26,7 +26,7 @@ DETECTION_KINDS = ("nonfinite", "spike", "drift", "attn_logit", "output_logit", 
 IGNORED_KEYS = {"run.name", "run.out_dir", "checkpoint.resume"}
 IGNORED_PREFIXES = ("meta.", "wandb.")
 # Recorded facts that are part of the experiment all the same: runs on different CPU kernel
-# paths are never one cell (monitor/kernel_path.py says why).
+# paths are never one cell (monitor/device_path.py says why).
 KERNEL_PATH_KEY = "meta.kernel_path.path"
 FLOOR_KEY = "meta.data.loss_floor"
 # Keys that eval-only metrics lines carry besides `val_*`; anything else makes a line a train line.

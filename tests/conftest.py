@@ -5,14 +5,15 @@ so a bf16 value, step or layer measured on one machine is not a property of the 
 assert only what holds on every path (an exact comparison runs in fp32, or is bounded by bf16's
 rounding with the derivation beside it). `make test` prints the path first; `make test-paths`
 reruns the bf16-sensitive tests (tests/monitor, tests/optim/test_engine.py) under each path
-below the machine's own (`python -m monitor.kernel_path --lower-paths`):
+below the machine's own (`python -m postmortem.kernel_path --lower-paths`):
 
-| CPU kind seen                   | native path (ATen / oneDNN) | simulated below it                    |
-|---------------------------------|-----------------------------|---------------------------------------|
-| Intel with AMX                  | AVX512 / AVX512_CORE_AMX    | AVX512_CORE_BF16, AVX512_CORE, AVX2   |
-|                                 |                             | (ATen avx512, avx512, avx2), default  |
-| AMD EPYC, AVX-512 BF16, no AMX  | AVX512 / AVX512_CORE_BF16   | AVX512_CORE, AVX2, default            |
-| AMD EPYC, AVX2 only             | AVX2 / AVX2                 | default (ATen's scalar kernels)       |
+| CPU kind seen                  | native (ATen / oneDNN)   | simulated below it                 |
+|--------------------------------|--------------------------|------------------------------------|
+| Intel with AMX                 | AVX512 / AVX512_CORE_AMX | AVX512_CORE_BF16, AVX512_CORE,     |
+|                                |                          | AVX2 (ATen avx512, avx512, avx2),  |
+|                                |                          | default                            |
+| AMD EPYC, AVX-512 BF16, no AMX | AVX512 / AVX512_CORE_BF16| AVX512_CORE, AVX2, default         |
+| AMD EPYC, AVX2 only            | AVX2 / AVX2              | default (ATen's scalar kernels)    |
 
 `default` is ATEN_CPU_CAPABILITY=default; the oneDNN rows set ONEDNN_MAX_CPU_ISA with the ATen
 capability of that CPU kind.

@@ -23,12 +23,12 @@ ERROR_LINE = re.compile(r"(^|: )error: ")  # ours (`error: ...`) and argparse's 
 def _mains() -> dict[str, Callable[[list[str]], int]]:
     import checkpoint.export
     import data.prepare
+    import experiments.aeos
     import launch.slurm
     import launch.sweep
-    import monitor.aeos
-    import monitor.diagnose
-    import monitor.kernel_path
-    import monitor.replay
+    import postmortem.diagnose
+    import postmortem.kernel_path
+    import postmortem.replay
     import study.compare
     import study.report
     import train
@@ -37,10 +37,10 @@ def _mains() -> dict[str, Callable[[list[str]], int]]:
         "train.py": train.main,
         "data.prepare": data.prepare.main,
         "checkpoint.export": checkpoint.export.main,
-        "monitor.replay": monitor.replay.main,
-        "monitor.diagnose": monitor.diagnose.main,
-        "monitor.aeos": monitor.aeos.main,
-        "monitor.kernel_path": monitor.kernel_path.main,
+        "postmortem.replay": postmortem.replay.main,
+        "postmortem.diagnose": postmortem.diagnose.main,
+        "experiments.aeos": experiments.aeos.main,
+        "postmortem.kernel_path": postmortem.kernel_path.main,
         "launch.slurm": launch.slurm.main,
         "launch.sweep": launch.sweep.main,
         "study.compare": study.compare.main,
@@ -157,19 +157,19 @@ CASES = [
         "holds other files",
     ),
     ("export-truncated", "checkpoint.export", ["{in}/damaged", "--to", "torch"], "consolidate"),
-    # monitor.replay
-    ("replay-missing", "monitor.replay", ["{tmp}/nope"], "no detections"),
-    ("replay-no-detection", "monitor.replay", ["{run}"], "has no detections"),
-    ("replay-event-type", "monitor.replay", ["{run}", "--event", "x"], "--event"),
-    # monitor.diagnose and monitor.aeos
-    ("diagnose-missing", "monitor.diagnose", ["{tmp}/nope"], "not a run directory"),
-    ("diagnose-event-type", "monitor.diagnose", ["{run}", "--event", "x"], "--event"),
-    ("aeos-lr-type", "monitor.aeos", ["--lrs", "x", "--out", "{tmp}/a"], "--lrs"),
-    ("kernel-path-missing", "monitor.kernel_path", ["{tmp}/nope"], "does not exist"),
-    ("kernel-path-batches", "monitor.kernel_path", ["{run}", "--batches", "0"], "--batches"),
+    # postmortem.replay
+    ("replay-missing", "postmortem.replay", ["{tmp}/nope"], "no detections"),
+    ("replay-no-detection", "postmortem.replay", ["{run}"], "has no detections"),
+    ("replay-event-type", "postmortem.replay", ["{run}", "--event", "x"], "--event"),
+    # postmortem.diagnose and experiments.aeos
+    ("diagnose-missing", "postmortem.diagnose", ["{tmp}/nope"], "not a run directory"),
+    ("diagnose-event-type", "postmortem.diagnose", ["{run}", "--event", "x"], "--event"),
+    ("aeos-lr-type", "experiments.aeos", ["--lrs", "x", "--out", "{tmp}/a"], "--lrs"),
+    ("kernel-path-missing", "postmortem.kernel_path", ["{tmp}/nope"], "does not exist"),
+    ("kernel-path-batches", "postmortem.kernel_path", ["{run}", "--batches", "0"], "--batches"),
     (
         "kernel-path-ops-file",
-        "monitor.kernel_path",
+        "postmortem.kernel_path",
         ["--ops-compare", "{in}/empty.yaml", "{in}/empty.yaml"],
         "not an --ops file",
     ),
@@ -253,7 +253,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, finished_run: Path) -> Path
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory, inputs: Path) -> Path:
-    from data.prepare import prepare
+    from data.text import prepare
 
     return prepare(inputs / "docs", tmp_path_factory.mktemp("data") / "prepared", num_proc=1)
 

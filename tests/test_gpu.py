@@ -73,7 +73,7 @@ def test_cuda_bf16_fused_adam_learns(tmp_path, zero_stage):
 @pytest.mark.gpu
 def test_benchmark_with_compile_reports_ratio_and_mfu():
     done = subprocess.run(
-        [sys.executable, "-m", "optim.bench", "--steps", "5", "--compile", "--precision", "bf16"],
+        [sys.executable, "-m", "bench.engine", "--steps", "5", "--compile", "--precision", "bf16"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -79,7 +79,7 @@ def test_tiny_run_writes_the_run_directory(tmp_path):
     meta = resolved["meta"]
     assert set(meta) >= {"torch", "deepspeed", "git_commit", "world_size"}
     assert meta["world_size"] == 1 and meta["torch"].startswith("2.")
-    assert meta["kernel_path"]["path"].startswith("aten:")  # monitor.kernel_path
+    assert meta["kernel_path"]["path"].startswith("aten:")  # postmortem.kernel_path
     assert meta["data"]["loss_floor"] is None  # the built-in corpus has no known floor
 
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

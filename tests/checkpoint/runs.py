@@ -65,7 +65,7 @@ def overrides(run_dir: Path, zero_stage: int, world_size: int = 1, **extra: obje
 def run_here(run_dir: Path, zero_stage: int, **extra: object) -> dict:
     """Train in this process (one rank; the caller holds the `dist_env` group); the summary."""
     from configs import load_config
-    from train import run
+    from trainer import run
 
     return run(load_config(None, overrides(run_dir, zero_stage, **extra)))
 
@@ -193,7 +193,7 @@ def kill_tree(pid: int) -> None:
 
 def last_step(run_dir: Path) -> int:
     """The last step logged so far; a line the run is still writing is left out."""
-    from monitor.replay import read_jsonl
+    from postmortem.replay import read_jsonl
 
     return max((record["step"] for record in read_jsonl(run_dir / "metrics.jsonl")), default=0)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import data.prepare
+import data.text
 from data.builtin import MODULES, builtin_dir, builtin_documents, prepare_builtin
 
 
@@ -51,14 +51,14 @@ def test_concurrent_callers_prepare_once_and_bytes_are_reproducible(
     builtin_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real_prepare = data.prepare.prepare
+    real_prepare = data.text.prepare
 
     def counting_prepare(*args, **kwargs) -> Path:
         calls.append(args[1])
         time.sleep(0.2)  # widen the window in which the other caller could race
         return real_prepare(*args, **kwargs)
 
-    monkeypatch.setattr(data.prepare, "prepare", counting_prepare)
+    monkeypatch.setattr(data.text, "prepare", counting_prepare)
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(prepare_builtin(tmp_path))) for _ in range(3)

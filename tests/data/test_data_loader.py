@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from data.config import DataConfig
+from data.dataset import DataError
 from data.loader import BatchLoader, open_tokens, resolve_dataset, validation_batches
-from data.prepare import DataError
 
 BLOCK = 8
 NUM_WINDOWS = 50

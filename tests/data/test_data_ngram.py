@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data.dataset import DataError
 from data.loader import BatchLoader
 from data.ngram import NgramModel, entropy_rate, parse_count, prepare_ngram, window_floor
-from data.prepare import DataError, main
+from data.prepare import main
 
 SMALL = dict(group_chains=8, chain_tokens=500)
 

@@ -12,8 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import data.prepare as prep
-from data.prepare import DataError, HubSource, main, prepare
+import data.text as prep
+from data.dataset import DataError
+from data.prepare import main
+from data.text import HubSource, prepare
 from data.tokenizer import EOT_TOKEN, gpt2_encoding
 
 DOCS = [

@@ -235,7 +235,7 @@ def test_two_task_job_trains(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Through the CLI: 2 ranks (gloo) on one node train to the end with the real train.run."""
+    """Through the CLI: 2 ranks (gloo) on one node train to the end with the real trainer.run."""
     steps = 10
     argv = [
         str(Path("configs/default.yaml").resolve()),
@@ -262,7 +262,7 @@ def test_two_task_job_trains(
     assert logged == list(range(1, steps + 1))
     meta = yaml.safe_load((run_dir / "config.yaml").read_text())["meta"]
     assert meta["world_size"] == 2
-    # Every task exits after train.run (a hang at exit would hold the nodes to the time limit).
+    # Every task exits after trainer.run (a hang at exit would hold the nodes to the time limit).
     deadline = time.monotonic() + 30
     while (state := job.get_info(mode="force").get("State")) != "COMPLETED":
         assert time.monotonic() < deadline, f"job state {state}\n{_logs(submitit_folder)}"

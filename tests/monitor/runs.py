@@ -75,10 +75,10 @@ def overrides(run_dir: Path, corpus: Path, **extra: object) -> list[str]:
 
 def run(run_dir: Path, corpus: Path, stop_step: int | None = None, **extra: object) -> dict:
     """Train in this process (the caller holds the `dist_env` group); returns the summary."""
-    import train
+    import trainer
     from configs import load_config
 
-    return train.run(load_config(None, overrides(run_dir, corpus, **extra)), stop_step)
+    return trainer.run(load_config(None, overrides(run_dir, corpus, **extra)), stop_step)
 
 
 def blow_up_overrides(checkpoint_interval: int) -> dict[str, object]:

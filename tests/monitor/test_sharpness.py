@@ -16,7 +16,6 @@ from configs import load_config
 from model import GPT
 from model.config import ModelConfig
 from monitor.sharpness import (
-    decoupled_shrink,
     hessian_vector_product,
     lanczos_max,
     preconditioner,
@@ -146,7 +145,7 @@ def test_each_decay_form_has_its_own_decoupled_shrink(name, shrink):
     """At lr_t = 1e-4 of lr_max = 2e-4 with wd 0.1: torch's form lr_t * wd, the paper's
     (lr_t / lr_max) * wd, and none for the coupled form (it adds curvature instead)."""
     o = OptimConfig(name=name, lr=2e-4, weight_decay=0.1)
-    assert decoupled_shrink(o, 1e-4) == pytest.approx(shrink)
+    assert o.shrink_per_step(1e-4) == pytest.approx(shrink)
 
 
 # --- real runs ---------------------------------------------------------------------------------

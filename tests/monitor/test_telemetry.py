@@ -12,7 +12,7 @@ from monitor.telemetry import Telemetry
 from optim.engine import UpdateGate, initialize, set_lr
 from optim.groups import layer_type, split_decay
 from tests.helpers import tiny_overrides
-from train import train_step
+from trainer.step import train_step
 
 pytestmark = pytest.mark.usefixtures("dist_env", "one_thread")
 LR = 1e-2
@@ -96,16 +96,3 @@ def test_norms_effective_lr_and_update_ratio_match_the_full_weights(dist_env, ze
     growth = line["param_norm/output"] / norm_before - 1  # one step between the two readings
     assert line["output_norm_growth"] == pytest.approx(growth, rel=1e-4, abs=1e-9)
     assert line["clip_frac"] == (1.0 if scalars.clipped else 0.0) and line["skipped_steps"] == 0
-
-
-def test_bench_times_every_setting(corpus, capsys):
-    """`python -m monitor.bench` end to end, a few steps on the small corpus."""
-    from monitor import bench
-
-    overrides = [f"data.dataset={corpus}", "model.vocab_size=256", "model.n_embd=32"]
-    figures = bench.main(["--steps", "2", "--warmup", "1", "--sharpness-reps", "1", *overrides])
-    assert {"on_ms", "off_ms", "nologit_ms", "overhead_on", "overhead_nologit"} <= figures.keys()
-    assert figures["sharpness_steps"] == pytest.approx(figures["sharpness_ms"] / figures["off_ms"])
-    assert figures["overhead_sharpness"] == pytest.approx(figures["sharpness_steps"] / 1000)
-    assert all(value > 0 for key, value in figures.items() if key.endswith("_ms"))
-    assert "on / off" in capsys.readouterr().out

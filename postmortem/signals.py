@@ -1,4 +1,4 @@
-"""Which signal departed first, and the state mechanism it points at (`monitor.diagnose`).
+"""Which signal departed first, and the state mechanism it points at (`postmortem.diagnose`).
 
 Pure: metrics lines in, departures and ranked mechanisms out; no torch, no I/O.
 """

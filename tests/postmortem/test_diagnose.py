@@ -1,4 +1,4 @@
-"""`python -m monitor.diagnose`: real tiny runs with known causes, each diagnosed end to end.
+"""`python -m postmortem.diagnose`: real tiny runs with known causes, each diagnosed end to end.
 
 Causes are made the way tests/monitor/test_runs.py injects failures: a batch of random tokens
 written into train.bin (data), a learning rate forced up on resume (state: optimizer), a high
@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from data.loader import BatchLoader
-from monitor import diagnose
+from postmortem import diagnose
 from tests.checkpoint.runs import env
 from tests.monitor import runs
 

@@ -1,4 +1,4 @@
-"""Data throughput on this machine: `python -m data.bench [--repeat N] [--steps N]`.
+"""Data throughput on this machine: `python -m bench.loader [--repeat N] [--steps N]`.
 
 Preparation is measured on one process (so the figure is per core) over the built-in corpus
 text repeated `--repeat` times; the loader over the prepared built-in train split.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from data.builtin import builtin_documents
 from data.loader import BatchLoader
-from data.prepare import TextSource, prepare
+from data.text import TextSource, prepare
 from data.tokenizer import gpt2_encoding
 
 # (block_size, micro_batch_size, grad_accum_steps, world_size): a GPT-2 step and a CPU-sized one.
@@ -23,7 +23,7 @@ _LOADER_LAYOUTS = [(1024, 8, 1, 1), (1024, 16, 4, 8), (256, 32, 1, 1)]
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Print preparation (MB/s per core) and loader (tokens/s) throughput."""
-    parser = argparse.ArgumentParser(prog="python -m data.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__)
     parser.add_argument("--repeat", type=int, default=4, help="copies of the built-in text")
     parser.add_argument("--steps", type=int, default=200, help="loader steps per layout")
     args = parser.parse_args(argv)
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     documents = builtin_documents() * args.repeat
     megabytes = sum(len(document.encode()) for document in documents) / 1e6
     print(
-        f"data.bench: Python {platform.python_version()}, {platform.machine()}, "
+        f"bench.loader: Python {platform.python_version()}, {platform.machine()}, "
         f"{os.cpu_count()} CPUs visible"
     )
     print(f"text: built-in corpus x{args.repeat} = {megabytes:.2f} MB, {len(documents):,} docs")

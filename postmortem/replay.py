@@ -1,12 +1,12 @@
 """Re-run the steps that led to a detection, with full telemetry at every step.
 
-    python -m monitor.replay RUN_DIR --event K        # K-th detection of events.jsonl, from 0
-    python -m monitor.replay RUN_DIR --event -1       # the last one
-    torchrun --nproc-per-node N -m monitor.replay RUN_DIR --event K   # a run made on N ranks
+    python -m postmortem.replay RUN_DIR --event K        # K-th detection of events.jsonl, from 0
+    python -m postmortem.replay RUN_DIR --event -1       # the last one
+    torchrun --nproc-per-node N -m postmortem.replay RUN_DIR --event K   # a run made on N ranks
 
 K counts the detections in `RUN_DIR/events.jsonl` (the events that have a `metric`), in file
 order; negative K counts from the end. The replay restores the newest checkpoint taken before
-the detection's step and trains from it up to and including that step, through `train.run`
+the detection's step and trains from it up to and including that step, through `trainer.run`
 with the checkpoint's own config and these changes: `train.log_interval=1` and logit telemetry
 (attention logits, log Z) plus per-block norms at every step; the `record` policy (a `skip`
 run keeps `skip`, since its withheld updates are part of the trajectory); no checkpoints; no
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import trainer
 from checkpoint.config import CheckpointConfig
 from checkpoint.manager import Checkpointer, CheckpointError, read_harness
 from configs import ConfigError, validate
@@ -120,12 +121,10 @@ def plan(run_dir: str | Path, index: int) -> ReplayPlan:
 
 def replay(run_dir: str | Path, index: int) -> ReplayPlan:
     """Run the replay of detection `index`; returns its plan (`plan.out_dir` has the files)."""
-    import train
-
     replay_plan = plan(run_dir, index)
     if os.environ.get("RANK", "0") == "0":
         shutil.rmtree(replay_plan.out_dir, ignore_errors=True)
-    train.run(replay_plan.cfg, stop_step=replay_plan.stop_step)
+    trainer.run(replay_plan.cfg, stop_step=replay_plan.stop_step)
     return replay_plan
 
 
@@ -204,7 +203,7 @@ def detection_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: replay one detection of a run directory and compare the losses."""
-    parser = detection_parser("python -m monitor.replay", __doc__)
+    parser = detection_parser("python -m postmortem.replay", __doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 if a loss differs")
     args = parser.parse_args(argv)
     try:

@@ -1,10 +1,10 @@
 """Why did a run blow up? Replays that turn a detection's evidence into a diagnosis.
 
-    python -m monitor.diagnose RUN_DIR                  # the first detection of events.jsonl
-    python -m monitor.diagnose RUN_DIR --event K        # the K-th (from 0; negative from the end)
-    torchrun --nproc-per-node N -m monitor.diagnose RUN_DIR   # a run made on N ranks
+    python -m postmortem.diagnose RUN_DIR               # the first detection of events.jsonl
+    python -m postmortem.diagnose RUN_DIR --event K     # the K-th (from 0; negative from the end)
+    torchrun --nproc-per-node N -m postmortem.diagnose RUN_DIR  # a run made on N ranks
 
-For detection K at step D, from the checkpoint kept before it (step C), as `monitor.replay`:
+For detection K at step D, from the checkpoint kept before it (step C), as `postmortem.replay`:
 1. Reproducible or transient: replay C -> D with the same batches. The detection recurs:
    reproducible. It does not, and the replay was otherwise exact (losses and grad norms before
    D, and the loss of step D, equal the recorded ones bitwise): transient, with the mismatch.
@@ -17,7 +17,7 @@ For detection K at step D, from the checkpoint kept before it (step C), as `moni
    C + 1 to D (loss, grad norm, norms and update ratios per group and per block, attention
    logits per layer, |log Z|, sharpness where recorded), its increments judged reading by
    reading with the spike detector's robust z-score (upward; growth factors except for the
-   loss): see `monitor.signals.departure`.
+   loss): see `postmortem.signals.departure`.
 4. A ranked mechanism with the remedies the harness offers, each with its evidence.
 Written to RUN_DIR/diagnosis-K/ (report.md, diagnosis.json, timeline.png, and the replays'
 run directories), a `diagnosis` event appended to RUN_DIR/events.jsonl, a summary printed.
@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
+import trainer
 from checkpoint.config import CheckpointConfig
 from checkpoint.manager import (
     HARNESS_FILE,
@@ -53,12 +54,12 @@ from checkpoint.manager import (
     step_of,
     tag_for,
 )
+from common.files import json_safe, write_json_atomic
 from configs import ConfigError, validate
 from configs.schema import TrainConfig
-from monitor import replay
-from monitor.detectors import json_safe
-from monitor.diagnosis_report import summary_text, write_report
-from monitor.signals import (
+from postmortem import replay
+from postmortem.report import summary_text, write_report
+from postmortem.signals import (
     Mechanism,
     departure,
     remedies,
@@ -66,7 +67,6 @@ from monitor.signals import (
     state_mechanisms,
     timeline,
 )
-from monitor.sinks import write_json_atomic
 
 NUM_BATCHES = 3
 
@@ -119,15 +119,13 @@ def run_replay(
 ) -> Replay:
     """Train `resume` -> `stop_step` (from loader position `position` when given); did the
     detection (same kind and metric) come back at `stop_step`?"""
-    import train
-
     run_dir = out_dir / name
     if position is not None:
         resume = moved(resume, out_dir / f"{name}-start", position)
     if _rank() == 0:
         shutil.rmtree(run_dir, ignore_errors=True)
     _barrier()
-    train.run(variant(cfg, out_dir, name, resume, save_at), stop_step=stop_step)
+    trainer.run(variant(cfg, out_dir, name, resume, save_at), stop_step=stop_step)
     _barrier()  # rank 0's files are complete: every rank reads them and decides alike
     found = replay.detections(run_dir)
     recurred = any(
@@ -281,7 +279,7 @@ def diagnose(
     """Diagnose detection `index` of `run_dir` on every rank; rank 0 writes the outputs.
 
     Returns the diagnosis (what diagnosis.json holds). Raises ValueError, ConfigError or
-    CheckpointError for a run that cannot be diagnosed (see `monitor.replay.plan`).
+    CheckpointError for a run that cannot be diagnosed (see `postmortem.replay.plan`).
     """
     from launch.distributed import init_distributed
 
@@ -464,9 +462,16 @@ def after_stop(run_dir: Path, step: int) -> None:
             _append(run_dir, {**record, "status": "failed", "error": message})
 
 
+def diagnose_stop(cfg: TrainConfig, summary: dict[str, Any]) -> None:
+    """After `trainer.run`: with `divergence.diagnose=true`, diagnose the detection that stopped
+    the run (every rank calls this, as it called the run)."""
+    if summary["status"] == "diverged" and cfg.divergence.diagnose:
+        after_stop(Path(cfg.run.out_dir) / cfg.run.name, summary["steps"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: diagnose one detection of a run directory; see the module docstring."""
-    parser = replay.detection_parser("python -m monitor.diagnose", __doc__)
+    parser = replay.detection_parser("python -m postmortem.diagnose", __doc__)
     parser.add_argument(
         "--batches", type=int, default=NUM_BATCHES, help="other batches to try the step on"
     )
@@ -481,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batches < 1:
         print(f"error: --batches must be >= 1, got {args.batches}", file=sys.stderr)
         return 2
-    from data.prepare import DataError
+    from data.dataset import DataError
     from launch.distributed import close_distributed
 
     joined = dist.is_initialized()  # a caller's process group is the caller's to close

@@ -1,4 +1,4 @@
-"""Adam at the edge of stability, on the CPU: `python -m monitor.aeos --out docs/aeos`.
+"""Adam at the edge of stability, on the CPU: `python -m experiments.aeos --out docs/aeos`.
 
 The external check of `monitor.sharpness` (Cohen et al. 2022, figure 1's claim): full-batch Adam
 on a fixed training set drives the preconditioned sharpness S = lambda_max(P^-1 H) up to the
@@ -123,7 +123,7 @@ def plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m monitor.aeos", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m experiments.aeos", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs/aeos"))
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
     parser.add_argument("--steps", type=int, default=800)

@@ -1,10 +1,10 @@
-"""monitor.signals: departures from a series' own baseline, and the mechanisms they point at,
+"""postmortem.signals: departures from a series' own baseline, and the mechanisms they point at,
 on synthetic series (the end-to-end verdicts are in test_diagnose.py)."""
 
 import math
 
 from configs import load_config
-from monitor.signals import departure, signal_series, state_mechanisms, timeline
+from postmortem.signals import departure, signal_series, state_mechanisms, timeline
 
 FLAT = [(s, 1.0 + 0.01 * (s % 3)) for s in range(1, 30)]  # 1%-level noise
 

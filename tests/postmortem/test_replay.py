@@ -1,4 +1,4 @@
-"""`python -m monitor.replay`: the steps before a detection, re-run from the checkpoint before
+"""`python -m postmortem.replay`: the steps before a detection, re-run from the checkpoint before
 it with telemetry at every step, reproduce the recorded losses bit for bit on the CPU."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data.loader import BatchLoader
-from monitor import replay
+from postmortem import replay
 from tests.monitor import runs
 
 pytestmark = pytest.mark.usefixtures("dist_env", "one_thread")

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monitor.signals import signal_series, steps_before
-from monitor.sinks import write_json_atomic, write_text_atomic
+from common.files import write_json_atomic, write_text_atomic
+from postmortem.signals import signal_series, steps_before
 from study.compare import markdown_table
 
 MAX_DRAWN = 10  # departed series in the figure, earliest first

@@ -1,4 +1,4 @@
-"""What the divergence monitor costs per training step: `python -m monitor.bench [key=value ...]`.
+"""What the divergence monitor costs per training step: `python -m bench.monitor [key=value ...]`.
 
 One training run of a tiny GPT on the CPU (the default config's data; `key=value` overrides
 change the model or batch) whose steps alternate between these settings:
@@ -13,8 +13,9 @@ After the alternating steps, `--sharpness-reps` measurements of Adam's precondit
 (`monitor.sharpness`, on `telemetry.sharpness_batch_size` sequences) are timed on the same
 model; their cost is given in training steps (`off`) and per step of a run measuring every
 `--sharpness-interval` steps (`telemetry.sharpness_interval` is 0, off, by default).
-Every step runs what the training loop runs around `train.train_step` (lr, update gate with its
-one host read of loss and grad norm, summary.json); a log step adds the loop's log-step body.
+Every step runs what the training loop runs around `trainer.step.train_step` (lr, update gate
+with its one host read of loss and grad norm, summary.json); a log step adds the loop's log-step
+body.
 The settings alternate step by step in ABBA order, so drift in the machine's speed (other
 processes, frequency scaling) falls on all alike; the figure is the ratio of the median step
 times, on / off, in wall time and in this process's CPU time.
@@ -45,7 +46,7 @@ from monitor.sharpness import SharpnessProbe
 from monitor.telemetry import Telemetry
 from optim.engine import UpdateGate, initialize, set_lr
 from optim.schedule import lr_at
-from train import metrics_line, train_step
+from trainer.step import metrics_line, train_step
 
 # the `tiny` preset (2 layers, 2 heads, 64 wide) with a short context
 TINY = {
@@ -74,7 +75,7 @@ def bench_config(out_dir: Path, overrides: Sequence[str]) -> TrainConfig:
 
 
 def build_steps(cfg: TrainConfig) -> tuple[dict[str, Callable[[], None]], Callable[[], None]]:
-    """One step function per setting, all training the same model, as `train.run` builds it;
+    """One step function per setting, all training the same model, as `trainer.run` builds it;
     and a function that closes the run record."""
     env = init_distributed(cfg.run.device)
     data_dir = resolve_dataset(cfg.data)
@@ -130,7 +131,7 @@ def build_steps(cfg: TrainConfig) -> tuple[dict[str, Callable[[], None]], Callab
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Print the step time with the monitor on and off and their ratio; return the figures."""
-    parser = argparse.ArgumentParser(prog="python -m monitor.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.monitor", description=__doc__)
     parser.add_argument("--steps", type=int, default=200, help="timed steps of each setting")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps of each first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     m = cfg.model
     print(
-        f"monitor.bench: torch {torch.__version__}, {platform.machine()}, "
+        f"bench.monitor: torch {torch.__version__}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs visible; model {m.n_layer}L "
         f"{m.n_head}H {m.n_embd}C ctx {m.block_size} vocab {m.vocab_size}, micro batch "
         f"{cfg.train.micro_batch_size}, {cfg.precision}, ZeRO {cfg.zero_stage}; "

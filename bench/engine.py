@@ -1,15 +1,15 @@
 """Training-step throughput of our engine against plain torch, measured in one process.
 
-    python -m optim.bench                          # the default config's model, on the CPU
-    python -m optim.bench --precision bf16 --compile --model gpt2   # on a GPU, with MFU
-    python -m optim.bench --sweep configs/sweeps/stream_wd.yaml     # a sweep's proxy model
+    python -m bench.engine                          # the default config's model, on the CPU
+    python -m bench.engine --precision bf16 --compile --model gpt2   # on a GPU, with MFU
+    python -m bench.engine --sweep configs/sweeps/stream_wd.yaml     # a sweep's proxy model
 
 The reference is the step a torch user writes by hand: the same `model.GPT`, the same parameter
 groups, `torch.optim.AdamW(foreach=True)`, `clip_grad_norm_`, bf16 through `torch.autocast`. Ours
 is `optim.engine.initialize` (DeepSpeed, ZeRO stage of the config) plus the `UpdateGate`, driven
-by `train.train_step`, the function the training loop calls. Both train on the same fixed batch
-from the same initial weights. After warmup the two are timed in alternating rounds (ABBA order),
-so drift in the machine's speed (other processes, frequency scaling) falls on both alike.
+by `trainer.step.train_step`, the function the training loop calls. Both train on the same fixed
+batch from the same initial weights. After warmup the two are timed in alternating rounds (ABBA
+order), so drift in the machine's speed (other processes, frequency scaling) falls on both alike.
 """
 
 import argparse
@@ -30,6 +30,7 @@ from monitor.perf import mfu, peak_flops
 from monitor.telemetry import Telemetry
 from optim.engine import UpdateGate, initialize, set_lr
 from optim.groups import param_groups
+from trainer.step import train_step
 
 # --model tiny: a quick smoke run; default: the model of configs/default.yaml; the GPT-2 sizes
 # (at their 1024-token context) for a GPU.
@@ -99,9 +100,8 @@ def reference_step(cfg: TrainConfig, device: torch.device, batch) -> Callable[[]
 
 
 def engine_step(cfg: TrainConfig, device: torch.device, batch) -> Callable[[], Any]:
-    """One step of the harness: DeepSpeed engine, update gate, `train.train_step` (non-log)."""
-    from train import train_step
-
+    """One step of the harness: DeepSpeed engine, update gate, `trainer.step.train_step`
+    (a non-log step)."""
     torch.manual_seed(cfg.run.seed)
     model = GPT(cfg.model)
     engine, optimizer = initialize(model, cfg, 1, device)
@@ -136,8 +136,8 @@ def timed(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python -m optim.bench`."""
-    parser = argparse.ArgumentParser(prog="python -m optim.bench", description=__doc__)
+    """The command line of `python -m bench.engine`."""
+    parser = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__)
     parser.add_argument("--steps", type=int, default=16, help="timed steps of each, after warmup")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each first")
     parser.add_argument(
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
     peak = peak_flops(device)
     m = cfg.model
     print(
-        f"optim.bench: torch {torch.__version__}, {platform.machine()}, "
+        f"bench.engine: torch {torch.__version__}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs visible, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     )

@@ -1,10 +1,10 @@
-"""`python -m optim.bench` compares equal work: the two steps end on the same loss."""
+"""`python -m bench.engine` compares equal work: the two steps end on the same loss."""
 
 from pathlib import Path
 
 import pytest
 
-from optim.bench import bench_config, build_parser, main
+from bench.engine import bench_config, build_parser, main
 
 
 def test_bench_runs_both_steps_on_the_same_work(dist_env, capsys):

@@ -1,0 +1,1 @@
+"""Small neutral helpers that any package may import; they import nothing of the harness."""

@@ -1,16 +1,17 @@
-"""Rewrite the README's config-key table from the schema: `python -m configs.readme [README.md]`.
+"""Rewrite the config-key table of docs/config.md from the schema: `python -m configs.readme`.
 
 The table lives between the `<!-- config-keys:start -->` and `<!-- config-keys:end -->` markers;
 everything outside them is left as it is. tests/test_train_cli.py fails when the table is stale.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
 from configs import key_table
 
 START, END = "<!-- config-keys:start -->", "<!-- config-keys:end -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+CONFIG_DOC = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
 
 def table_block(text: str) -> str:
@@ -18,7 +19,7 @@ def table_block(text: str) -> str:
     head, found, rest = text.partition(START)
     body, found_end, _ = rest.partition(END)
     if not found or not found_end:
-        raise ValueError(f"the README has no '{START}' ... '{END}' block")
+        raise ValueError(f"no '{START}' ... '{END}' block")
     return body.strip("\n")
 
 
@@ -31,8 +32,11 @@ def render(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    path = Path(args[0]) if args else README
+    parser = argparse.ArgumentParser(prog="python -m configs.readme", description=__doc__)
+    parser.add_argument(
+        "path", nargs="?", type=Path, default=CONFIG_DOC, help="markdown file (docs/config.md)"
+    )
+    path = parser.parse_args(argv).path
     text = path.read_text()
     try:
         updated = render(text)

@@ -53,7 +53,7 @@ class DivergenceConfig(Section):
     max_rollbacks: int = Field(3, ge=0, description="rollbacks before the run stops")
     diagnose: bool = Field(
         False,
-        description="after a divergence stop, run `monitor.diagnose` on it (replays: minutes)",
+        description="after a divergence stop, run `postmortem.diagnose` on it (replays: minutes)",
     )
 
 

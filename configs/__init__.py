@@ -135,7 +135,7 @@ def to_yaml(config: "TrainConfig") -> str:
 
 
 def key_table() -> str:
-    """The README's table of every config key, generated from the schema so it cannot go stale."""
+    """Every config key as a table (`train.py --help`), generated from the schema: never stale."""
     from configs.schema import TrainConfig
 
     rows = ["| key | default | meaning |", "|---|---|---|"]

@@ -2,7 +2,7 @@
 
     python -m study.report SWEEP_DIR... [--out DIR] [--no-per-sweep]
 
-Reads run directories only (DESIGN.md, "The run directory"), as study.compare does, and writes
+Reads run directories only (docs/run_directory.md), as study.compare does, and writes
 study.compare's report for each directory given under `<out>/sweeps/`. The numbers and verdicts
 come from study.claims, whose docstring has the grouping and the verdict rules; this module
 draws them and writes report.md and claims.json.

@@ -1,5 +1,5 @@
 """`python train.py` as a user runs it: one-line errors with exit status 2, and a complete run
-directory from a tiny config. Also: the README's config-key table is the schema's."""
+directory from a tiny config. Also: docs/config.md's config-key list is the schema's."""
 
 import json
 import shutil
@@ -15,8 +15,7 @@ import torch
 import yaml
 
 from checkpoint.export import consolidated_state_dict
-from configs import key_table
-from configs.readme import END, START, render, table_block
+from configs.readme import END, START, key_list, render, table_block
 from tests.helpers import ROOT, cli_env, finished_run_args, run_cli, tiny_overrides, tree_hash
 
 STEPS = 10
@@ -59,7 +58,7 @@ def test_config_file_with_a_yaml_syntax_error(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_run_writes_the_run_directory(tmp_path):
-    """A config file plus overrides: the record DESIGN.md promises, with the right contents."""
+    """A config file plus overrides: the record of docs/run_directory.md, contents checked."""
     config = {}
     for text in tiny_overrides(**{"model.vocab_size": 50304}):
         key, value = text.split("=", 1)
@@ -116,14 +115,14 @@ def test_tiny_run_writes_the_run_directory(tmp_path):
 
 def test_readme_key_table_is_current():
     """Regenerate with `python -m configs.readme` when this fails."""
-    readme = (ROOT / "README.md").read_text()
-    assert table_block(readme) == key_table()
+    config_doc = (ROOT / "docs" / "config.md").read_text()
+    assert table_block(config_doc) == key_list()
 
 
 def test_readme_script_rewrites_only_the_block():
     stale = f"intro\n{START}\n| key | default | meaning |\n| `old` | 1 | gone |\n{END}\noutro\n"
     fresh = render(stale)
-    assert fresh == f"intro\n{START}\n{key_table()}\n{END}\noutro\n"
+    assert fresh == f"intro\n{START}\n{key_list()}\n{END}\noutro\n"
     assert render(fresh) == fresh
     with pytest.raises(ValueError, match="config-keys"):
         render("no markers here")

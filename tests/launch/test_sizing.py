@@ -12,7 +12,7 @@ from launch.sizing import MIN_TOKENS_PER_PARAM, parameter_counts, sizing
 
 SWEEPS = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
 STREAMS = sorted(SWEEPS.glob("stream_*.yaml"))
-BUILTIN_COMPACT_TRAIN_TOKENS = 359_769  # README, "Data" (CPython 3.11)
+BUILTIN_COMPACT_TRAIN_TOKENS = 359_769  # docs/data.md (CPython 3.11)
 
 
 def stream_tokens(dataset: str) -> int:

@@ -9,7 +9,7 @@ from configs.base import Section
 
 class OptimConfig(Section):
     name: Literal["adamw", "adam_l2", "adamw_indep", "adamp", "adam_spd"] = Field(
-        "adamw", description="decay form; see the optimizer table (what weight_decay means in each)"
+        "adamw", description="decay form; docs/engine.md says what weight_decay means in each"
     )
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
     min_lr: float = Field(1e-4, ge=0.0, description="learning rate at the end of the cosine")

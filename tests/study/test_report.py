@@ -102,10 +102,10 @@ def test_stat_and_versus() -> None:
     a, b = stat([3.31, 3.29, 3.30, math.nan]), stat([3.21, 3.19, 3.20])
     assert (a.n, a.mean, a.std) == (3, pytest.approx(3.30), pytest.approx(0.01))
     c = versus(b, a)
-    assert c["diff"] == pytest.approx(-0.1) and c["sign"] == "lower"
-    assert c["se"] == pytest.approx(math.sqrt(2 * 0.01**2 / 3))
-    assert versus(a, a)["sign"] == "same"
-    assert versus(stat([3.0]), a)["sign"] == "unknown"
+    assert c.diff == pytest.approx(-0.1) and c.sign == "lower"
+    assert c.se == pytest.approx(math.sqrt(2 * 0.01**2 / 3))
+    assert versus(a, a).sign == "same"
+    assert versus(stat([3.0]), a).sign == "unknown"
 
 
 def test_fisher_by_hand() -> None:

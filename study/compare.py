@@ -4,7 +4,7 @@
 
 Each line is labelled by the config keys in which the runs differ, so a weight-decay x precision
 sweep reads as `weight_decay=0.1 precision=bf16`. Everything comes from the run directories'
-files (DESIGN.md, "The run directory"); nothing here imports training code.
+files (docs/run_directory.md); nothing here imports training code.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Read run directories (DESIGN.md, "The run directory") into `Run` objects for cross-run studies.
+"""Read run directories (docs/run_directory.md) into `Run` objects for cross-run studies.
 
 This module only reads the files the trainer writes; it never imports training code, so a report
 can be made on a laptop from copied run directories. Readers follow the run directory's rule:

@@ -59,7 +59,7 @@ def test_config_file_with_a_yaml_syntax_error(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_run_writes_the_run_directory(tmp_path):
-    """A config file plus overrides: the record DESIGN.md promises, with the right contents."""
+    """Config plus overrides: the record docs/run_directory.md promises, with the right contents."""
     config = {}
     for text in tiny_overrides(**{"model.vocab_size": 50304}):
         key, value = text.split("=", 1)

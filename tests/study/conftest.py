@@ -1,4 +1,4 @@
-"""Synthetic run directories in the trainer's on-disk format (DESIGN.md, "The run directory").
+"""Synthetic run directories in the trainer's on-disk format (docs/run_directory.md).
 
 The losses follow `curve(step, final)`, which starts at exactly 10.0 at step 0 and ends at exactly
 `final` at step 20, so tests can state expected table values by hand.
@@ -48,7 +48,7 @@ def curve(step: int, final: float) -> float:
 
 
 def train_line(step: int, loss: Any, **extra: Any) -> dict[str, Any]:
-    """A metrics line with every key DESIGN.md names; tok_per_s = 1000 + 10 * step."""
+    """A metrics line with every key docs/run_directory.md names; tok_per_s = 1000 + 10 * step."""
     line = {
         "step": step,
         "tokens": step * 2048,

@@ -54,7 +54,7 @@ class Arm:
     optimizer: str
     weight_decay: float
     runs: int
-    left_out: int  # runs that blew up, kept out of every statistic below
+    left_out: int  # runs with no final loss (they blew up), out of the statistics below
     final_loss: Stat
     final_val_loss: Stat
     loss: Stat  # what the verdict compares: final_val_loss or final_loss (claims.verdict_loss)
@@ -152,7 +152,7 @@ class Claim2Group:
     evidence: list[Evidence]
     verdict: Verdict
     reason: str
-    controls: Controls | None = field(metadata=OMIT_IF_NONE)  # None: no blow-up to control
+    controls: Controls | None = field(metadata=OMIT_IF_NONE)  # None: bf16 λ=0 never blew up
 
 
 # --- claim 3 ---------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class Claim3Group:
     baseline: Stat
     best: dict[str, Best]  # by optimizer ("adamw", "adam_l2"), where one has a final loss
     arms: list[Arm]
-    l2_minus_adamw: Comparison | None = field(metadata=OMIT_IF_NONE)  # None: an optimizer lacks
+    l2_minus_adamw: Comparison | None = field(metadata=OMIT_IF_NONE)  # None: a side lacks a loss
     verdict: Verdict
     reason: str
 

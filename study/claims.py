@@ -24,11 +24,33 @@ from typing import Any
 
 import numpy as np
 
+from study.results import (
+    CANNOT_TELL,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    Arm,
+    Best,
+    Cell,
+    Claim,
+    Claim1,
+    Claim1Group,
+    Claim2Group,
+    Claim3Group,
+    Controls,
+    Evidence,
+    Finding,
+    Judged,
+    LRSensitivity,
+    Power,
+    PowerCell,
+    Verdict,
+)
 from study.runs import DETECTION_KINDS, MISSING, Run, canonical, label, to_float, varying_keys
 from study.sensitivity import LR_KEY, LRGroup, follows_lr
 from study.stats import (
     EFFECT,
     MIN_SEEDS,
+    Comparison,
     Stat,
     detectable,
     fisher_greater,
@@ -48,7 +70,6 @@ MID_WINDOW = (0.35, 0.45)  # the paper's mid-training comparison is at 20k of 50
 MID_VAL_REACH = 0.1  # a mid-training evaluation may sit this far (fraction of the run) from 40%
 RECOVERY = 0.5  # a run that gives back over half its loss drop by its end did not recover
 EVIDENCE_STEPS = 32  # monitor's default evidence window; used when an event carries none
-REPRODUCED, NOT_REPRODUCED, CANNOT_TELL = "reproduced", "not reproduced", "cannot tell"
 TITLES = {
     "claim1": "Weight decay changes the dynamics through the effective LR and ends at lower loss",
     "claim2": "bf16 without weight decay diverges late; fp32 does not; weight decay prevents it",
@@ -59,31 +80,33 @@ TITLES = {
 # --- verdicts --------------------------------------------------------------------------------
 
 
-def combine(groups: Sequence[dict[str, Any]]) -> str:
+def combine(answers: Sequence[Judged]) -> Verdict:
     """All groups that decided agree: that verdict; none decided or they disagree: cannot tell."""
-    decided = {g["verdict"] for g in groups if g["verdict"] != CANNOT_TELL}
+    decided = {a.verdict for a in answers if a.verdict != CANNOT_TELL}
     return decided.pop() if len(decided) == 1 else CANNOT_TELL
 
 
-def joined_reason(groups: Sequence[dict[str, Any]], verdict: str, what: str) -> str:
-    """One paragraph: a lead-in when groups disagree, then each group's reason."""
-    if not groups:
+def joined_reason(named: Sequence[tuple[str, Judged]], verdict: Verdict, what: str) -> str:
+    """One paragraph from (group name, its answer) pairs: a lead-in when the groups disagree,
+    then each group's reason."""
+    if not named:
         return f"No runs for {what}."
-    if len(groups) == 1:
-        return groups[0]["reason"]
-    counts = {v: sum(g["verdict"] == v for g in groups) for v in (REPRODUCED, NOT_REPRODUCED)}
+    if len(named) == 1:
+        return named[0][1].reason
+    answers = [a for _, a in named]
+    counts = {v: sum(a.verdict == v for a in answers) for v in (REPRODUCED, NOT_REPRODUCED)}
     lead = (
         f"Groups disagree ({counts[REPRODUCED]} reproduced, {counts[NOT_REPRODUCED]} not)."
         if verdict == CANNOT_TELL and all(counts.values())
-        else f"{len(groups)} groups."
+        else f"{len(named)} groups."
     )
-    return " ".join([lead] + [f"[{g['group']}: {g['verdict']}] {g['reason']}" for g in groups])
+    return " ".join([lead] + [f"[{name}: {a.verdict}] {a.reason}" for name, a in named])
 
 
 # --- what each run says ----------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Facts:
     """The numbers the claims need from one run; loss statistics NaN where the run is left out."""
 
@@ -103,8 +126,8 @@ class Facts:
     flagged: bool  # status diverged or a divergence detection (the brief's "divergence")
     blew_up: bool  # flagged and never recovered, or a non-finite loss (used by the verdict)
     first_step: int | None
-    first_event: dict[str, Any] | None
-    kinds: dict[str, int]
+    first_event: dict[str, Any] | None  # an events.jsonl record, free-form like the file
+    kinds: dict[str, int]  # detection kind -> detections
 
 
 def series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -251,27 +274,25 @@ def arm_name(optimizer: str, wd: float) -> str:
 # --- claim 1 ---------------------------------------------------------------------------------
 
 
-def _arm_row(
-    optimizer: str, wd: float, items: list[Facts], base: Stat, on_val: bool
-) -> dict[str, Any]:
+def _arm(optimizer: str, wd: float, items: list[Facts], base: Stat, on_val: bool) -> Arm:
     final, val = stat([f.final_loss for f in items]), stat([f.final_val_loss for f in items])
     loss = val if on_val else final  # what the verdict compares (`verdict_loss`)
-    return {
-        "optimizer": optimizer,
-        "weight_decay": wd,
-        "runs": len(items),
-        "left_out": len(items) - final.n,
-        "final_loss": final,
-        "final_val_loss": val,
-        "loss": loss,
-        "val_gap_to_floor": stat([f.val_gap_to_floor for f in items]),
-        "mid_loss": stat([f.mid_loss for f in items]),
-        "mid_val_loss": stat([f.mid_val_loss for f in items]),
-        "param_norm_decay": stat([f.norm_decay for f in items]),
-        "eff_lr_decay": stat([f.eff_lr_decay for f in items]),
-        "adam_eff_lr": stat([f.adam_eff_lr for f in items]),
-        "final_vs_baseline": versus(loss, base),
-    }
+    return Arm(
+        optimizer=optimizer,
+        weight_decay=wd,
+        runs=len(items),
+        left_out=len(items) - final.n,
+        final_loss=final,
+        final_val_loss=val,
+        loss=loss,
+        val_gap_to_floor=stat([f.val_gap_to_floor for f in items]),
+        mid_loss=stat([f.mid_loss for f in items]),
+        mid_val_loss=stat([f.mid_val_loss for f in items]),
+        param_norm_decay=stat([f.norm_decay for f in items]),
+        eff_lr_decay=stat([f.eff_lr_decay for f in items]),
+        adam_eff_lr=stat([f.adam_eff_lr for f in items]),
+        final_vs_baseline=versus(loss, base),
+    )
 
 
 def verdict_loss(items: Sequence[Facts]) -> bool:
@@ -286,103 +307,115 @@ def verdict_loss(items: Sequence[Facts]) -> bool:
     return bool(kept) and all(math.isfinite(f.final_val_loss) for f in kept)
 
 
-def _claim1_group(name: str, items: list[Facts]) -> dict[str, Any]:
+def _claim1_group(name: str, items: list[Facts]) -> Claim1Group:
     by_arm = arms(items)
     base_runs = baseline(by_arm)
     on_val = verdict_loss(items)
     what = "final validation loss" if on_val else "final train loss"
-    base = _arm_row("adamw", 0.0, base_runs, Stat([]), on_val)
-    rows = [_arm_row(o, wd, fs, base["loss"], on_val) for (o, wd), fs in by_arm.items()]
-    decayed = [r for r in rows if r["optimizer"] == "adamw" and r["weight_decay"] > 0]
-    known = [r for r in decayed if r["final_vs_baseline"]["sign"] != "unknown"]
+    base = _arm("adamw", 0.0, base_runs, Stat([]), on_val)
+    rows = [_arm(o, wd, fs, base.loss, on_val) for (o, wd), fs in by_arm.items()]
+    decayed = [r for r in rows if r.optimizer == "adamw" and r.weight_decay > 0]
+    known = [r for r in decayed if r.final_vs_baseline.sign != "unknown"]
     text = "; ".join(
-        f"λ={r['weight_decay']:g}: {r['loss'].text()}, {versus_text(r['final_vs_baseline'])}"
+        f"λ={r.weight_decay:g}: {r.loss.text()}, {versus_text(r.final_vs_baseline)}"
         for r in decayed
     )
+    verdict: Verdict
     if not base_runs or not decayed:
         verdict, reason = CANNOT_TELL, "needs AdamW runs at λ=0 and at some λ>0 in one setting."
-    elif not base["loss"].n:
+    elif not base.loss.n:
         verdict = CANNOT_TELL
         reason = f"all {len(base_runs)} λ=0 runs blew up: no final loss to compare against."
-    elif base["loss"].n < MIN_SEEDS or not known:
+    elif base.loss.n < MIN_SEEDS or not known:
         verdict = CANNOT_TELL
-        reason = f"too few seeds to see the spread (λ=0: {base['loss'].text()}; {text})."
+        reason = f"too few seeds to see the spread (λ=0: {base.loss.text()}; {text})."
     else:
-        lower = [r for r in known if r["final_vs_baseline"]["sign"] == "lower"]
+        lower = [r for r in known if r.final_vs_baseline.sign == "lower"]
         verdict = REPRODUCED if lower else NOT_REPRODUCED
         ends = "ends lower than" if lower else "does not end below"
         reason = (
-            f"{what} at λ=0 is {base['loss'].text()}; {text}. Weight decay "
+            f"{what} at λ=0 is {base.loss.text()}; {text}. Weight decay "
             f"{ends} no decay beyond 2 SE of the seed spread."
         )
-    group = {"group": name, "verdict": verdict, "reason": reason, "arms": rows}
-    group["baseline"] = base["loss"]
-    group["loss_name"] = what
-    group["mechanism"] = _mechanism(base, known)
-    group["order"] = _order(base, known, on_val)
-    return group
+    return Claim1Group(
+        group=name,
+        verdict=verdict,
+        reason=reason,
+        arms=rows,
+        baseline=base.loss,
+        loss_name=what,
+        mechanism=_mechanism(base, known),
+        order=_order(base, known, on_val),
+    )
 
 
-def _mechanism(base: dict[str, Any], known: list[dict[str, Any]]) -> dict[str, Any]:
+def _mechanism(base: Arm, known: list[Arm]) -> Finding:
     """Decay-group norm lower and effective LR higher with weight decay, beyond 2 SE."""
     parts, shown = [], 0
     for r in known:
-        norm = versus(r["param_norm_decay"], base["param_norm_decay"])
-        eff = versus(r["eff_lr_decay"], base["eff_lr_decay"])
-        shown += norm["sign"] == "lower" and eff["sign"] == "higher"
+        norm = versus(r.param_norm_decay, base.param_norm_decay)
+        eff = versus(r.eff_lr_decay, base.eff_lr_decay)
+        shown += norm.sign == "lower" and eff.sign == "higher"
         parts.append(
-            f"λ={r['weight_decay']:g}: norm {versus_text(norm, '.4g')}, "
+            f"λ={r.weight_decay:g}: norm {versus_text(norm, '.4g')}, "
             f"effective LR {versus_text(eff, '.3g')}"
         )
-    if not parts or base["param_norm_decay"].n < MIN_SEEDS or base["eff_lr_decay"].n < MIN_SEEDS:
-        return {"verdict": CANNOT_TELL, "reason": "no decay-group norm / effective LR to compare."}
-    verdict = REPRODUCED if shown else NOT_REPRODUCED
-    return {"verdict": verdict, "reason": "vs λ=0, " + "; ".join(parts) + "."}
+    if not parts or base.param_norm_decay.n < MIN_SEEDS or base.eff_lr_decay.n < MIN_SEEDS:
+        return Finding(CANNOT_TELL, "no decay-group norm / effective LR to compare.")
+    return Finding(REPRODUCED if shown else NOT_REPRODUCED, "vs λ=0, " + "; ".join(parts) + ".")
 
 
-def _order(base: dict[str, Any], known: list[dict[str, Any]], on_val: bool) -> dict[str, Any]:
+def _order(base: Arm, known: list[Arm], on_val: bool) -> Finding:
     """The paper's crossover: the largest λ is above λ=0 mid-training and below it at the end.
 
     On validation losses where every run has a mid-training evaluation and the verdict reads
     validation losses; on the train-loss windows otherwise.
     """
     if not known:
-        return {"verdict": CANNOT_TELL, "reason": "too few seeds or no λ>0."}
+        return Finding(CANNOT_TELL, "too few seeds or no λ>0.")
     top = known[-1]
-    mid_key = "mid_loss"
-    if on_val and all(r["mid_val_loss"].n == r["loss"].n for r in (base, top)):
-        mid_key = "mid_val_loss"
-    mid, end = versus(top[mid_key], base[mid_key]), versus(top["loss"], base["loss"])
-    if "unknown" in (mid["sign"], end["sign"]):
+    mid_val = on_val and all(r.mid_val_loss.n == r.loss.n for r in (base, top))
+    mid = (
+        versus(top.mid_val_loss, base.mid_val_loss)
+        if mid_val
+        else versus(top.mid_loss, base.mid_loss)
+    )
+    end = versus(top.loss, base.loss)
+    verdict: Verdict
+    if "unknown" in (mid.sign, end.sign):
         verdict = CANNOT_TELL
     else:
-        verdict = (
-            REPRODUCED if (mid["sign"], end["sign"]) == ("higher", "lower") else NOT_REPRODUCED
-        )
-    what = "validation" if mid_key == "mid_val_loss" else "train"
+        verdict = REPRODUCED if (mid.sign, end.sign) == ("higher", "lower") else NOT_REPRODUCED
     reason = (
-        f"λ={top['weight_decay']:g} minus λ=0 ({what} losses): mid-training "
-        f"{versus_text(mid)}, final {versus_text(end)}."
+        f"λ={top.weight_decay:g} minus λ=0 ({'validation' if mid_val else 'train'} losses): "
+        f"mid-training {versus_text(mid)}, final {versus_text(end)}."
     )
-    return {"verdict": verdict, "reason": reason}
+    return Finding(verdict, reason)
 
 
-def claim1(items: Sequence[Facts]) -> dict[str, Any]:
+def _combined(named: Sequence[tuple[str, Judged]], what: str) -> Finding:
+    """The groups' answers as one: `combine`'s verdict with `joined_reason`'s paragraph."""
+    verdict = combine([a for _, a in named])
+    return Finding(verdict, joined_reason(named, verdict, what))
+
+
+def claim1(items: Sequence[Facts]) -> Claim1:
     groups = [_claim1_group(name, fs) for name, fs in contexts(items, (WD, OPT))]
-    out: dict[str, Any] = {"title": TITLES["claim1"], "groups": groups}
-    out["verdict"] = combine(groups)
-    out["reason"] = joined_reason(groups, out["verdict"], "claim 1")
-    for part in ("mechanism", "order"):
-        subs = [{"group": g["group"], **g[part]} for g in groups]
-        verdict = combine(subs)
-        out[part] = {"verdict": verdict, "reason": joined_reason(subs, verdict, part)}
-    return out
+    overall = _combined([(g.group, g) for g in groups], "claim 1")
+    return Claim1(
+        title=TITLES["claim1"],
+        groups=groups,
+        verdict=overall.verdict,
+        reason=overall.reason,
+        mechanism=_combined([(g.group, g.mechanism) for g in groups], "mechanism"),
+        order=_combined([(g.group, g.order) for g in groups], "order"),
+    )
 
 
 # --- claim 2 ---------------------------------------------------------------------------------
 
 
-def evidence(f: Facts) -> dict[str, Any]:
+def evidence(f: Facts) -> Evidence:
     """Max attention logit and log Z in the window before the first divergence."""
     event, step = f.first_event, f.first_step
     records = list((event or {}).get("evidence") or [])
@@ -399,85 +432,83 @@ def evidence(f: Facts) -> dict[str, Any]:
     per_layer = [to_float(v) for v in top[1].get("attn_logit_max/layers") or []]
     if per_layer and any(math.isfinite(v) for v in per_layer):
         layer = int(np.nanargmax(per_layer))
-    return {
-        "run": f.run.name,
-        "path": str(f.run.path),
-        "blew_up": f.blew_up,
-        "kind": (event or {}).get("kind", "status diverged"),
-        "metric": (event or {}).get("metric"),
-        "value": (event or {}).get("value"),
-        "step": step,
-        "source": source,
-        "window": [records[0].get("step"), records[-1].get("step")] if records else None,
-        "attn_logit_max": top[0],
-        "attn_logit_max_step": top[1].get("step"),
-        "attn_logit_max_layer": layer,
-        "log_z_last": log_z[-1] if log_z else math.nan,
-        "log_z_max_abs": max(map(abs, log_z)) if log_z else math.nan,
-    }
+    return Evidence(
+        run=f.run.name,
+        path=str(f.run.path),
+        blew_up=f.blew_up,
+        kind=(event or {}).get("kind", "status diverged"),
+        metric=(event or {}).get("metric"),
+        value=(event or {}).get("value"),
+        step=step,
+        source=source,
+        window=(records[0].get("step"), records[-1].get("step")) if records else None,
+        attn_logit_max=top[0],
+        attn_logit_max_step=top[1].get("step"),
+        attn_logit_max_layer=layer,
+        log_z_last=log_z[-1] if log_z else math.nan,
+        log_z_max_abs=max(map(abs, log_z)) if log_z else math.nan,
+    )
 
 
-def _cell(precision: str, wd: float, items: list[Facts]) -> dict[str, Any]:
-    flagged = [f for f in items if f.flagged and f.first_step is not None]
-    return {
-        "precision": precision,
-        "weight_decay": wd,
-        "runs": len(items),
-        "flagged": sum(f.flagged for f in items),
-        "blew_up": sum(f.blew_up for f in items),
-        "status_diverged": sum(f.run.summary.get("status") == "diverged" for f in items),
-        "runs_with": {k: sum(f.kinds[k] > 0 for f in items) for k in DETECTION_KINDS},
-        "events": {k: sum(f.kinds[k] for f in items) for k in DETECTION_KINDS},
-        "first_divergence_steps": [f.first_step for f in flagged],
-        "blew_up_steps": [f.first_step for f in items if f.blew_up and f.first_step is not None],
-        "first_divergence_step": stat([f.first_step for f in flagged]),
-        "first_divergence_fraction": stat([f.first_step / f.max_steps for f in flagged]),
-        "max_steps": max((f.max_steps for f in items), default=math.nan),
-    }
+def _cell(precision: str, wd: float, items: list[Facts]) -> Cell:
+    flagged = [(f.first_step, f.max_steps) for f in items if f.flagged and f.first_step is not None]
+    return Cell(
+        precision=precision,
+        weight_decay=wd,
+        runs=len(items),
+        flagged=sum(f.flagged for f in items),
+        blew_up=sum(f.blew_up for f in items),
+        status_diverged=sum(f.run.summary.get("status") == "diverged" for f in items),
+        runs_with={k: sum(f.kinds[k] > 0 for f in items) for k in DETECTION_KINDS},
+        events={k: sum(f.kinds[k] for f in items) for k in DETECTION_KINDS},
+        first_divergence_steps=[step for step, _ in flagged],
+        blew_up_steps=[f.first_step for f in items if f.blew_up and f.first_step is not None],
+        first_divergence_step=stat([step for step, _ in flagged]),
+        first_divergence_fraction=stat([step / max_steps for step, max_steps in flagged]),
+        max_steps=max((f.max_steps for f in items), default=math.nan),
+    )
 
 
-def _control(a: dict[str, Any], c: dict[str, Any] | None, what: str) -> tuple[str, str]:
+def _control(a: Cell, c: Cell | None, what: str) -> tuple[Verdict, str]:
     """bf16 λ=0 against one control: fewer blow-ups there, by Fisher's exact test."""
-    if c is None or not c["runs"]:
+    if c is None or not c.runs:
         return CANNOT_TELL, f"{what} was not run"
-    p = fisher_greater(a["blew_up"], a["runs"], c["blew_up"], c["runs"])
-    counts = f"{what} {c['blew_up']}/{c['runs']} (one-sided Fisher p={p:.3g})"
+    p = fisher_greater(a.blew_up, a.runs, c.blew_up, c.runs)
+    counts = f"{what} {c.blew_up}/{c.runs} (one-sided Fisher p={p:.3g})"
     if p <= FISHER_P:
         return REPRODUCED, counts
-    if c["blew_up"] / c["runs"] >= a["blew_up"] / a["runs"]:
+    if c.blew_up / c.runs >= a.blew_up / a.runs:
         return NOT_REPRODUCED, counts + ", as often as bf16 λ=0"
     return CANNOT_TELL, counts + ", fewer but too few runs to tell"
 
 
-def _claim2_group(name: str, items: list[Facts]) -> dict[str, Any]:
+def _claim2_group(name: str, items: list[Facts]) -> Claim2Group:
     cells_by: dict[tuple[str, float], list[Facts]] = {}
     for f in sorted(items, key=lambda f: (f.precision, f.wd)):
         cells_by.setdefault((f.precision, f.wd), []).append(f)
     cells = [_cell(p, wd, fs) for (p, wd), fs in cells_by.items()]
     wd_runs = [f for (p, wd), fs in cells_by.items() if p == "bf16" and wd > 0 for f in fs]
     a = cells_by.get(("bf16", 0.0))
-    group: dict[str, Any] = {"group": name, "cells": cells}
-    group["evidence"] = [evidence(f) for f in items if f.flagged or f.blew_up]
+    evidences = [evidence(f) for f in items if f.flagged or f.blew_up]
     if not a:
-        group.update(verdict=CANNOT_TELL, reason="bf16 without weight decay was not run.")
-        return group
+        reason = "bf16 without weight decay was not run."
+        return Claim2Group(name, cells, evidences, CANNOT_TELL, reason, controls=None)
     a_cell = _cell("bf16", 0.0, a)
-    when = ", ".join(str(s) for s in a_cell["blew_up_steps"])
-    head = f"bf16 λ=0 blew up in {a_cell['blew_up']}/{a_cell['runs']} runs" + (
-        f" (from steps {when} of {a_cell['max_steps']:g})"
+    when = ", ".join(str(s) for s in a_cell.blew_up_steps)
+    head = f"bf16 λ=0 blew up in {a_cell.blew_up}/{a_cell.runs} runs" + (
+        f" (from steps {when} of {a_cell.max_steps:g})"
         if when
-        else f" within {a_cell['max_steps']:g} steps"
+        else f" within {a_cell.max_steps:g} steps"
     )
-    head += f", detectors flagged {a_cell['flagged']}/{a_cell['runs']}"
-    if not a_cell["blew_up"]:
-        others = sum(c["blew_up"] for c in cells)
-        group.update(
-            verdict=NOT_REPRODUCED,
-            reason=f"{head}; {others} runs of the other cells blew up. There is nothing for "
+    head += f", detectors flagged {a_cell.flagged}/{a_cell.runs}"
+    if not a_cell.blew_up:
+        others = sum(c.blew_up for c in cells)
+        reason = (
+            f"{head}; {others} runs of the other cells blew up. There is nothing for "
             "fp32 or weight decay to prevent here (the paper's divergences came late in runs "
-            "of tens of thousands of steps).",
+            "of tens of thousands of steps)."
         )
-        return group
+        return Claim2Group(name, cells, evidences, NOT_REPRODUCED, reason, controls=None)
     fp32 = cells_by.get(("fp32", 0.0))
     parts = [
         _control(a_cell, _cell("fp32", 0.0, fp32) if fp32 else None, "fp32 λ=0"),
@@ -491,115 +522,111 @@ def _claim2_group(name: str, items: list[Facts]) -> dict[str, Any]:
         if verdicts == {REPRODUCED}
         else CANNOT_TELL
     )
-    group.update(
-        verdict=verdict,
-        reason=f"{head}; against it {'; '.join(t for _, t in parts)}.",
-        controls={"fp32": parts[0][0], "weight_decay": parts[1][0]},
-    )
-    return group
+    reason = f"{head}; against it {'; '.join(t for _, t in parts)}."
+    controls = Controls(fp32=parts[0][0], weight_decay=parts[1][0])
+    return Claim2Group(name, cells, evidences, verdict, reason, controls)
 
 
-def claim2(items: Sequence[Facts]) -> dict[str, Any]:
+def claim2(items: Sequence[Facts]) -> Claim[Claim2Group]:
     adamw = [f for f in items if f.optimizer == "adamw"]  # the claim is about AdamW's λ
     groups = [_claim2_group(name, fs) for name, fs in contexts(adamw, (WD, PREC))]
-    verdict = combine(groups)
-    reason = joined_reason(groups, verdict, "claim 2")
-    return {"title": TITLES["claim2"], "verdict": verdict, "reason": reason, "groups": groups}
+    overall = _combined([(g.group, g) for g in groups], "claim 2")
+    return Claim(TITLES["claim2"], overall.verdict, overall.reason, groups)
 
 
 # --- claim 3 ---------------------------------------------------------------------------------
 
 
-def _claim3_group(c1_group: dict[str, Any]) -> dict[str, Any]:
+def _best(c1_group: Claim1Group, optimizer: str) -> Best | None:
+    """The optimizer's decayed arm with the lowest mean verdict loss (None: none has one)."""
+    rows = [
+        r for r in c1_group.arms if r.optimizer == optimizer and r.weight_decay > 0 and r.loss.n
+    ]
+    if not rows:
+        return None
+    row = min(rows, key=lambda r: r.loss.mean)
+    gain = row.final_vs_baseline
+    percent = -100 * gain.diff / c1_group.baseline.mean
+    return Best(row.weight_decay, row.loss, gain, percent)
+
+
+def _claim3_group(c1_group: Claim1Group) -> Claim3Group:
     """Best arm of each optimizer against the no-decay baseline, from claim 1's table."""
-    base = c1_group["baseline"]
-    best: dict[str, dict[str, Any]] = {}
-    for optimizer in ("adamw", "adam_l2"):
-        rows = [
-            r
-            for r in c1_group["arms"]
-            if r["optimizer"] == optimizer and r["weight_decay"] > 0 and r["loss"].n
-        ]
-        if rows:
-            row = min(rows, key=lambda r: r["loss"].mean)
-            gain = row["final_vs_baseline"]
-            best[optimizer] = {
-                "weight_decay": row["weight_decay"],
-                "loss": row["loss"],
-                "vs_baseline": gain,
-                "improvement_percent": -100 * gain["diff"] / base.mean,
-            }
-    group: dict[str, Any] = {
-        "group": c1_group["group"],
-        "loss_name": c1_group["loss_name"],
-        "baseline": base,
-        "best": best,
-        "arms": c1_group["arms"],
-    }
-    need = {"no decay (λ=0)": base.n, "AdamW λ>0": "adamw" in best, "Adam+L2": "adam_l2" in best}
-    missing = [name for name, present in need.items() if not present]
-    if missing:
-        reason = f"no final loss (not run, or every run blew up) for {', '.join(missing)}."
-        group.update(verdict=CANNOT_TELL, reason=reason)
-        return group
-    w, l2 = best["adamw"], best["adam_l2"]
-    gap = versus(l2["loss"], w["loss"])
-    group["l2_minus_adamw"] = gap
-    reason = (
-        f"no decay {base.text()}; best AdamW λ={w['weight_decay']:g} "
-        f"{versus_text(w['vs_baseline'])}; best Adam+L2 (L2={l2['weight_decay']:g}) "
-        f"{versus_text(l2['vs_baseline'])}; Adam+L2 minus AdamW {versus_text(gap)}."
-    )
-    signs = (l2["vs_baseline"]["sign"], gap["sign"])
-    if "unknown" in signs or base.n < MIN_SEEDS:
-        verdict = CANNOT_TELL
-        reason += " Too few seeds to see the spread."
-    elif signs == ("lower", "higher"):
-        verdict = REPRODUCED
-        reason += " Adam+L2 improves on no decay, and by less than AdamW."
+    base = c1_group.baseline
+    w, l2 = _best(c1_group, "adamw"), _best(c1_group, "adam_l2")
+    best = {o: b for o, b in (("adamw", w), ("adam_l2", l2)) if b is not None}
+    gap = None
+    if base.n and w is not None and l2 is not None:
+        gap = versus(l2.loss, w.loss)
+        verdict, reason = _claim3_verdict(base, w, l2, gap)
     else:
-        verdict = NOT_REPRODUCED
-        reason += (
-            " Adam+L2 does not improve on no decay beyond 2 SE."
-            if signs[0] != "lower"
-            else " Adam+L2's improvement is not smaller than AdamW's beyond 2 SE."
-        )
-    group.update(verdict=verdict, reason=reason)
-    return group
+        need = {"no decay (λ=0)": base.n > 0, "AdamW λ>0": w is not None, "Adam+L2": l2 is not None}
+        missing = ", ".join(name for name, present in need.items() if not present)
+        verdict = CANNOT_TELL
+        reason = f"no final loss (not run, or every run blew up) for {missing}."
+    return Claim3Group(
+        group=c1_group.group,
+        loss_name=c1_group.loss_name,
+        baseline=base,
+        best=best,
+        arms=c1_group.arms,
+        l2_minus_adamw=gap,
+        verdict=verdict,
+        reason=reason,
+    )
 
 
-def claim3(c1: dict[str, Any]) -> dict[str, Any]:
+def _claim3_verdict(base: Stat, w: Best, l2: Best, gap: Comparison) -> tuple[Verdict, str]:
+    """Adam+L2 below no decay and above AdamW, each beyond 2 SE: the verdict and its reason."""
+    reason = (
+        f"no decay {base.text()}; best AdamW λ={w.weight_decay:g} "
+        f"{versus_text(w.vs_baseline)}; best Adam+L2 (L2={l2.weight_decay:g}) "
+        f"{versus_text(l2.vs_baseline)}; Adam+L2 minus AdamW {versus_text(gap)}."
+    )
+    signs = (l2.vs_baseline.sign, gap.sign)
+    if "unknown" in signs or base.n < MIN_SEEDS:
+        return CANNOT_TELL, reason + " Too few seeds to see the spread."
+    if signs == ("lower", "higher"):
+        return REPRODUCED, reason + " Adam+L2 improves on no decay, and by less than AdamW."
+    if signs[0] != "lower":
+        return NOT_REPRODUCED, reason + " Adam+L2 does not improve on no decay beyond 2 SE."
+    return (
+        NOT_REPRODUCED,
+        reason + " Adam+L2's improvement is not smaller than AdamW's beyond 2 SE.",
+    )
+
+
+def claim3(c1: Claim1) -> Claim[Claim3Group]:
     """Claim 3 in claim 1's groups (the same runs, grouped by all but λ, optimizer and seed)."""
-    groups = [_claim3_group(g) for g in c1["groups"]]
-    verdict = combine(groups)
-    reason = joined_reason(groups, verdict, "claim 3")
-    return {"title": TITLES["claim3"], "verdict": verdict, "reason": reason, "groups": groups}
+    groups = [_claim3_group(g) for g in c1.groups]
+    overall = _combined([(g.group, g) for g in groups], "claim 3")
+    return Claim(TITLES["claim3"], overall.verdict, overall.reason, groups)
 
 
 # --- power -----------------------------------------------------------------------------------
 
 
-def power(items: Sequence[Facts]) -> dict[str, Any]:
+def power(items: Sequence[Facts]) -> Power:
     """How many seeds a cell needs: the seed spread of the final validation loss within cells
     (runs alike in every varying key but the seed), pooled, and what it resolves."""
     cells = [(name, stat([f.final_val_loss for f in fs])) for name, fs in contexts(items, ())]
     std, dof = pooled_std([s for _, s in cells])
     counts = sorted({s.n for _, s in cells if s.n >= MIN_SEEDS})
-    return {
-        "metric": "final_val_loss",
-        "cells": [{"cell": name, "final_val_loss": s} for name, s in cells],
-        "pooled_std": std,
-        "dof": dof,
-        "effect": EFFECT,
-        "seeds_needed": seeds_needed(std) if dof else None,
-        "detectable": {n: detectable(std, n) for n in counts} if dof else {},
-    }
+    return Power(
+        metric="final_val_loss",
+        cells=[PowerCell(name, s) for name, s in cells],
+        pooled_std=std,
+        dof=dof,
+        effect=EFFECT,
+        seeds_needed=seeds_needed(std) if dof else None,
+        detectable={n: detectable(std, n) for n in counts} if dof else {},
+    )
 
 
 # --- LR sensitivity --------------------------------------------------------------------------
 
 
-def lr_sensitivity(items: Sequence[Facts]) -> list[dict[str, Any]]:
+def lr_sensitivity(items: Sequence[Facts]) -> list[LRSensitivity]:
     """Wortsman et al.'s LR sensitivity per recipe and seed, then mean ± std over seeds."""
     runs = [f.run for f in items]
     keys = varying_keys(runs)
@@ -631,11 +658,11 @@ def lr_sensitivity(items: Sequence[Facts]) -> list[dict[str, Any]]:
         seeds = [g for g in by_seed.values() if len(set(g.lrs)) > 1]
         if seeds:
             rows.append(
-                {
-                    "group": name,
-                    "lrs": sorted({lr for g in seeds for lr in g.lrs}),
-                    "sensitivity": stat([g.sensitivity for g in seeds]),
-                    "best_lrs": [g.best[0] for g in seeds],
-                }
+                LRSensitivity(
+                    group=name,
+                    lrs=sorted({lr for g in seeds for lr in g.lrs}),
+                    sensitivity=stat([g.sensitivity for g in seeds]),
+                    best_lrs=[g.best[0] for g in seeds],
+                )
             )
     return rows

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,11 @@ _OPTIONAL = ("mean_tok_per_s", "gap_to_floor")
 
 
 def table_rows(runs: Sequence[Run], run_labels: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per run: label, name and the summary fields of COLUMNS (None where unknown)."""
+    """One row per run: label, name and the summary fields of COLUMNS (None where unknown).
+
+    A row is a dict, not a dataclass: it is a summary.csv record, whose columns also hold
+    whichever config keys vary across the runs (`report` adds them).
+    """
     rows = []
     for run, text in zip(runs, run_labels, strict=True):
         row: dict[str, Any] = {"label": text, "run": run.name}
@@ -317,35 +322,44 @@ def plot_sensitivity(groups: Sequence[LRGroup], out: Path) -> Path:
 # --- the report ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SensitivityRow:
+    """One recipe's line of sensitivity.csv (the field names are its columns) and of its table."""
+
+    group: str
+    lrs: str  # the LR grid, space-separated
+    best_lr: float
+    best_final_loss: float  # clipped at the initial loss, as the sensitivity counts it
+    diverged: int
+    sensitivity: float
+
+
 def _sensitivity_section(groups: Sequence[LRGroup], out: Path) -> tuple[str, list[Path]]:
     """Markdown table + CSV + plot of LR sensitivity per group."""
-    rows = []
-    for group in groups:
-        best_lr, best_loss = group.best
-        diverged = sum(not math.isfinite(f) for f in group.final_losses)
-        rows.append(
-            {
-                "group": group.label,
-                "lrs": " ".join(f"{lr:g}" for lr in group.lrs),
-                "best_lr": best_lr,
-                "best_final_loss": best_loss,
-                "diverged": diverged,
-                "sensitivity": group.sensitivity,
-            }
+    rows = [
+        SensitivityRow(
+            group=group.label,
+            lrs=" ".join(f"{lr:g}" for lr in group.lrs),
+            best_lr=group.best[0],
+            best_final_loss=group.best[1],
+            diverged=sum(not math.isfinite(f) for f in group.final_losses),
+            sensitivity=group.sensitivity,
         )
+        for group in groups
+    ]
     csv_path = out / "sensitivity.csv"
-    write_csv(csv_path, rows, list(rows[0]))
+    write_csv(csv_path, [asdict(r) for r in rows], [f.name for f in fields(SensitivityRow)])
     plot_path = plot_sensitivity(groups, out)
     table = markdown_table(
         ["group", "LR grid", "best LR", "best final loss", "diverged", "LR sensitivity"],
         [
             [
-                r["group"],
-                r["lrs"],
-                f"{r['best_lr']:g}",
-                f"{r['best_final_loss']:.4f}",
-                str(r["diverged"]),
-                f"{r['sensitivity']:.4f}",
+                r.group,
+                r.lrs,
+                f"{r.best_lr:g}",
+                f"{r.best_final_loss:.4f}",
+                str(r.diverged),
+                f"{r.sensitivity:.4f}",
             ]
             for r in rows
         ],

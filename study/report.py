@@ -5,7 +5,7 @@
 Reads run directories only (docs/run_directory.md), as study.compare does, and writes
 study.compare's report for each directory given under `<out>/sweeps/`. The numbers and verdicts
 come from study.claims, whose docstring has the grouping and the verdict rules; this module
-draws them and writes report.md and claims.json.
+draws them and writes report.md and claims.json (whose objects are study.results' classes).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import yaml
@@ -49,18 +49,35 @@ from study.claims import (
 )
 from study.compare import markdown_table
 from study.plots import finite, loss_limits, new_figure, palette, save_figure
+from study.results import (
+    Arm,
+    Claim,
+    Claim1,
+    Claim1Group,
+    Claim2Group,
+    Claim3Group,
+    Claims,
+    Judged,
+    KernelPath,
+    LRSensitivity,
+    Power,
+    Report,
+    Rule,
+    Sweep,
+    to_json,
+)
 from study.runs import DETECTION_KINDS, Run, StudyError, load_runs, report_dir, varying_keys
 from study.stats import MIN_SEEDS, Stat, Z, versus_text
 
 # --- plots -----------------------------------------------------------------------------------
 
 
-def plot_final_loss(groups: list[dict[str, Any]], out: Path) -> Path | None:
+def plot_final_loss(groups: list[Claim1Group], out: Path) -> Path | None:
     """Final train / val loss (mean ± std over seeds) against λ, and against L2 for Adam+L2."""
     optimizers = [
         o
         for o in ("adamw", "adam_l2")
-        if any(r["optimizer"] == o and r["weight_decay"] > 0 for g in groups for r in g["arms"])
+        if any(r.optimizer == o and r.weight_decay > 0 for g in groups for r in g.arms)
     ]
     if not optimizers:
         return None
@@ -69,22 +86,23 @@ def plot_final_loss(groups: list[dict[str, Any]], out: Path) -> Path | None:
     colors = palette(len(groups))
     for i, optimizer in enumerate(optimizers):
         xs = sorted(
-            {r["weight_decay"] for g in groups for r in g["arms"] if r["optimizer"] == optimizer}
-            | {0.0}
+            {r.weight_decay for g in groups for r in g.arms if r.optimizer == optimizer} | {0.0}
         )
-        for j, key in enumerate(("final_loss", "final_val_loss")):
+        panels: list[tuple[str, Callable[[Arm], Stat]]] = [
+            ("final train loss", lambda r: r.final_loss),
+            ("final val loss", lambda r: r.final_val_loss),
+        ]
+        for j, (title, loss_of) in enumerate(panels):
             ax = axes[2 * i + j]
             ax.grid(True, alpha=0.3)
             for k, (g, color) in enumerate(zip(groups, colors, strict=True)):
-                rows = [
-                    r for r in g["arms"] if r["optimizer"] == optimizer or r["weight_decay"] == 0
-                ]
-                rows = [r for r in rows if r[key].n]
+                rows = [r for r in g.arms if r.optimizer == optimizer or r.weight_decay == 0]
+                shown = [(r.weight_decay, loss_of(r)) for r in rows if loss_of(r).n]
                 offset = (k - (len(groups) - 1) / 2) * 0.06
                 ax.errorbar(
-                    [xs.index(r["weight_decay"]) + offset for r in rows],
-                    [r[key].mean for r in rows],
-                    yerr=[np.nan_to_num(r[key].std) for r in rows],
+                    [xs.index(wd) + offset for wd, _ in shown],
+                    [loss.mean for _, loss in shown],
+                    yerr=[np.nan_to_num(loss.std) for _, loss in shown],
                     color=color,
                     marker="o",
                     capsize=4,
@@ -94,13 +112,13 @@ def plot_final_loss(groups: list[dict[str, Any]], out: Path) -> Path | None:
             ax.set_xlabel(
                 "weight decay λ (AdamW)" if optimizer == "adamw" else "L2 coefficient (Adam+L2)"
             )
-            ax.set_title(("final train loss" if j == 0 else "final val loss") + ", mean ± std")
+            ax.set_title(title + ", mean ± std")
     handles = [Line2D([], [], color=c, marker="o") for c in colors]
     return save_figure(
         fig,
         out / "claim1_final_loss.png",
         handles,
-        [g["group"] for g in groups],
+        [g.group for g in groups],
         "Final loss against weight decay",
     )
 
@@ -193,28 +211,28 @@ def plot_divergence(items: Sequence[Facts], out: Path) -> Path | None:
     )
 
 
-def plot_improvement(groups: list[dict[str, Any]], out: Path) -> Path | None:
+def plot_improvement(groups: list[Claim3Group], out: Path) -> Path | None:
     """Each decayed arm's final train loss below no decay (± 2 SE), AdamW and Adam+L2 together."""
-    shown = [g for g in groups if g["baseline"].n and g["best"]]
+    shown = [g for g in groups if g.baseline.n and g.best]
     if not shown:
         return None
     fig, axes = new_figure(len(shown))
     colors = {"adamw": "tab:blue", "adam_l2": "tab:orange"}
     for ax, g in zip(axes, shown, strict=True):
-        rows = [r for r in g["arms"] if r["weight_decay"] > 0]
-        gains = [r["final_vs_baseline"] for r in rows]
+        rows = [r for r in g.arms if r.weight_decay > 0]
+        gains = [r.final_vs_baseline for r in rows]
         ax.bar(
             range(len(rows)),
-            [-c["diff"] for c in gains],
-            yerr=[Z * np.nan_to_num(c["se"]) for c in gains],
-            color=[colors.get(r["optimizer"], "gray") for r in rows],
+            [-c.diff for c in gains],
+            yerr=[Z * np.nan_to_num(c.se) for c in gains],
+            color=[colors.get(r.optimizer, "gray") for r in rows],
             capsize=4,
         )
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(rows)), [arm_name(r["optimizer"], r["weight_decay"]) for r in rows])
+        ax.set_xticks(range(len(rows)), [arm_name(r.optimizer, r.weight_decay) for r in rows])
         ax.set_xlabel("")
         ax.set_ylabel("no-decay minus arm, final train loss")
-        ax.set_title(g["group"])
+        ax.set_title(g.group)
     handles = [Line2D([], [], color=c, lw=6) for c in colors.values()]
     return save_figure(
         fig,
@@ -228,7 +246,7 @@ def plot_improvement(groups: list[dict[str, Any]], out: Path) -> Path | None:
 # --- the report ------------------------------------------------------------------------------
 
 
-def _dash(value: Any, spec: str = "") -> str:
+def _dash(value: float | None, spec: str = "") -> str:
     """A table cell: `-` for None or NaN, else the value formatted with `spec`."""
     if value is None or isinstance(value, float) and math.isnan(value):
         return "-"
@@ -239,25 +257,25 @@ def _verdict_line(key: str, verdict: str) -> str:
     return f"Verdict on {key.replace('claim', 'claim ')}: **{verdict}**"
 
 
-def _claim1_md(c1: dict[str, Any]) -> str:
+def _claim1_md(c1: Claim1) -> str:
     rows = [
         [
-            g["group"],
-            arm_name(r["optimizer"], r["weight_decay"]),
-            str(r["runs"]),
-            str(r["left_out"]),
-            r["final_loss"].text(),
-            r["final_val_loss"].text(),
-            versus_text(r["final_vs_baseline"]) if r["weight_decay"] > 0 else "-",
-            r["val_gap_to_floor"].text(),
-            r["mid_loss"].text(),
-            r["mid_val_loss"].text(),
-            r["param_norm_decay"].text(".4g"),
-            r["eff_lr_decay"].text(".3g"),
-            r["adam_eff_lr"].text(".3g"),
+            g.group,
+            arm_name(r.optimizer, r.weight_decay),
+            str(r.runs),
+            str(r.left_out),
+            r.final_loss.text(),
+            r.final_val_loss.text(),
+            versus_text(r.final_vs_baseline) if r.weight_decay > 0 else "-",
+            r.val_gap_to_floor.text(),
+            r.mid_loss.text(),
+            r.mid_val_loss.text(),
+            r.param_norm_decay.text(".4g"),
+            r.eff_lr_decay.text(".3g"),
+            r.adam_eff_lr.text(".3g"),
         ]
-        for g in c1["groups"]
-        for r in g["arms"]
+        for g in c1.groups
+        for r in g.arms
     ]
     headers = (
         "group|arm|runs|left out (blew up)|final train loss|final val loss"
@@ -265,32 +283,32 @@ def _claim1_md(c1: dict[str, Any]) -> str:
         "|mid-training val loss|decay-group norm (final)"
         "|eff. LR decay group (2nd half)|Adam eff. LR, paper's (2nd half)"
     ).split("|")
-    compared = "; ".join(f"{g['group']}: {g['loss_name']}" for g in c1["groups"])
+    compared = "; ".join(f"{g.group}: {g.loss_name}" for g in c1.groups)
     return (
         f"- The verdict compares ({compared}): the validation loss wherever every run has one.\n"
         f"- Mechanism (decay-group norm lower, effective LR higher): "
-        f"**{c1['mechanism']['verdict']}**. {c1['mechanism']['reason']}\n"
+        f"**{c1.mechanism.verdict}**. {c1.mechanism.reason}\n"
         f"- Mid-training vs final order (paper: larger λ higher mid-training, lower at the end): "
-        f"**{c1['order']['verdict']}**. {c1['order']['reason']}\n\n" + markdown_table(headers, rows)
+        f"**{c1.order.verdict}**. {c1.order.reason}\n\n" + markdown_table(headers, rows)
     )
 
 
-def _claim2_md(c2: dict[str, Any]) -> str:
+def _claim2_md(c2: Claim[Claim2Group]) -> str:
     cells = [
         [
-            g["group"],
-            c["precision"],
-            f"{c['weight_decay']:g}",
-            str(c["runs"]),
-            str(c["blew_up"]),
-            str(c["flagged"]),
-            str(c["status_diverged"]),
-            *(str(c["runs_with"][k]) for k in DETECTION_KINDS),
-            ", ".join(map(str, c["first_divergence_steps"])) or "-",
-            c["first_divergence_fraction"].text(".2f"),
+            g.group,
+            c.precision,
+            f"{c.weight_decay:g}",
+            str(c.runs),
+            str(c.blew_up),
+            str(c.flagged),
+            str(c.status_diverged),
+            *(str(c.runs_with[k]) for k in DETECTION_KINDS),
+            ", ".join(map(str, c.first_divergence_steps)) or "-",
+            c.first_divergence_fraction.text(".2f"),
         ]
-        for g in c2["groups"]
-        for c in g["cells"]
+        for g in c2.groups
+        for c in g.cells
     ]
     headers = [
         *"group|precision|λ|runs|blew up|flagged|status diverged".split("|"),
@@ -306,20 +324,20 @@ def _claim2_md(c2: dict[str, Any]) -> str:
         "the run recovers from is not a divergence in the paper's sense. Kind columns count "
         "runs with at least one such detection.\n\n" + markdown_table(headers, cells)
     )
-    ev = [e for g in c2["groups"] for e in g["evidence"]]
+    ev = [e for g in c2.groups for e in g.evidence]
     if ev:
         rows = [
             [
-                e["run"],
-                "yes" if e["blew_up"] else "no",
-                f"{e['kind']} {e['metric'] or ''}={e['value']}",
-                str(e["step"]),
-                "-" if not e["window"] else f"{e['window'][0]}..{e['window'][1]}",
-                f"{_dash(e['attn_logit_max'], '.4g')} (layer {_dash(e['attn_logit_max_layer'])}, "
-                f"step {_dash(e['attn_logit_max_step'])})",
-                _dash(e["log_z_last"], ".4g"),
-                _dash(e["log_z_max_abs"], ".4g"),
-                e["source"],
+                e.run,
+                "yes" if e.blew_up else "no",
+                f"{e.kind} {e.metric or ''}={e.value}",
+                str(e.step),
+                "-" if not e.window else f"{e.window[0]}..{e.window[1]}",
+                f"{_dash(e.attn_logit_max, '.4g')} (layer {_dash(e.attn_logit_max_layer)}, "
+                f"step {_dash(e.attn_logit_max_step)})",
+                _dash(e.log_z_last, ".4g"),
+                _dash(e.log_z_max_abs, ".4g"),
+                e.source,
             ]
             for e in ev
         ]
@@ -333,27 +351,27 @@ def _claim2_md(c2: dict[str, Any]) -> str:
     return text
 
 
-def _claim3_md(c3: dict[str, Any]) -> str:
-    def best(g: dict[str, Any], o: str, what: str) -> str:
-        b = g["best"].get(o)
+def _claim3_md(c3: Claim[Claim3Group]) -> str:
+    def best(g: Claim3Group, o: str, what: str) -> str:
+        b = g.best.get(o)
         if not b:
             return "-"
         if what == "arm":
-            return f"{arm_name(o, b['weight_decay'])}: {b['loss'].text()}"
-        percent = _dash(b["improvement_percent"], ".2f")
-        return f"{versus_text(b['vs_baseline'])}; improvement {percent}%"
+            return f"{arm_name(o, b.weight_decay)}: {b.loss.text()}"
+        percent = _dash(b.improvement_percent, ".2f")
+        return f"{versus_text(b.vs_baseline)}; improvement {percent}%"
 
     rows = [
         [
-            g["group"],
-            g["baseline"].text(),
+            g.group,
+            g.baseline.text(),
             best(g, "adamw", "arm"),
             best(g, "adamw", "gain"),
             best(g, "adam_l2", "arm"),
             best(g, "adam_l2", "gain"),
-            versus_text(g["l2_minus_adamw"]) if "l2_minus_adamw" in g else "-",
+            versus_text(g.l2_minus_adamw) if g.l2_minus_adamw else "-",
         ]
-        for g in c3["groups"]
+        for g in c3.groups
     ]
     headers = (
         "group|no decay|best AdamW|vs no decay (± 2 SE), improvement|best Adam+L2"
@@ -367,17 +385,17 @@ def _claim3_md(c3: dict[str, Any]) -> str:
     )
 
 
-def _lr_md(rows: list[dict[str, Any]]) -> str:
+def _lr_md(rows: list[LRSensitivity]) -> str:
     if not rows:
         return "The runs do not vary `optim.lr`: no LR sensitivity.\n"
     table = markdown_table(
         ["group", "LR grid", "LR sensitivity, mean ± std over seeds", "best LR per seed"],
         [
             [
-                r["group"],
-                " ".join(f"{x:g}" for x in r["lrs"]),
-                r["sensitivity"].text(),
-                " ".join(f"{x:g}" for x in r["best_lrs"]),
+                r.group,
+                " ".join(f"{x:g}" for x in r.lrs),
+                r.sensitivity.text(),
+                " ".join(f"{x:g}" for x in r.best_lrs),
             ]
             for r in rows
         ],
@@ -411,10 +429,9 @@ METHOD = f"""\
 """
 
 
-def _paths_md(paths: list[dict[str, Any]]) -> str:
+def _paths_md(paths: list[KernelPath]) -> str:
     rows = [
-        [p["kernel_path"] or "not recorded", str(p["runs"]), _dash(p["loss_floor"], ".4f")]
-        for p in paths
+        [p.kernel_path or "not recorded", str(p.runs), _dash(p.loss_floor, ".4f")] for p in paths
     ]
     return (
         "Runs on different kernel paths are never pooled into one group (the path is a grouping "
@@ -424,85 +441,73 @@ def _paths_md(paths: list[dict[str, Any]]) -> str:
     )
 
 
-def _power_md(p: dict[str, Any]) -> str:
-    if not p["dof"]:
+def _power_md(p: Power) -> str:
+    if not p.dof:
         return "No cell has two seeds with a final validation loss: no seed spread to size by.\n"
-    rows = [[c["cell"], c["final_val_loss"].text()] for c in p["cells"]]
-    detectable = ", ".join(f"{v:.4f} nat at {n} seeds" for n, v in p["detectable"].items())
+    rows = [[c.cell, c.final_val_loss.text()] for c in p.cells]
+    detectable = ", ".join(f"{v:.4f} nat at {n} seeds" for n, v in p.detectable.items())
     return (
         f"Seed spread of the final validation loss within cells, pooled: **σ = "
-        f"{p['pooled_std']:.4f}** ({p['dof']} degrees of freedom). A difference of "
-        f"{p['effect']:g} nat between two cell means exceeds 2 standard errors with "
-        f"**{p['seeds_needed']} seeds per cell** (n > 2·(2σ/{p['effect']:g})²). Smallest "
+        f"{p.pooled_std:.4f}** ({p.dof} degrees of freedom). A difference of "
+        f"{p.effect:g} nat between two cell means exceeds 2 standard errors with "
+        f"**{p.seeds_needed} seeds per cell** (n > 2·(2σ/{p.effect:g})²). Smallest "
         f"difference these runs resolve: {detectable}.\n\n"
         + markdown_table(["cell", "final val loss (mean ± std over seeds)"], rows)
     )
 
 
-def write_markdown(out: Path, result: dict[str, Any], plots: dict[str, Path | None]) -> Path:
+def write_markdown(out: Path, result: Report, plots: dict[str, Path | None]) -> Path:
     sweeps = markdown_table(
         ["sweep", "runs", "listed in sweep.yaml", "statuses", "varies", "comparison report"],
         [
             [
-                s["name"],
-                str(s["runs"]),
-                str(s["manifest_runs"] or "-"),
-                s["statuses"],
-                ", ".join(f"`{k}`" for k in s["varying"]) or "-",
-                f"[summary.md]({s['compare']})" if s["compare"] else "-",
+                s.name,
+                str(s.runs),
+                str(s.manifest_runs or "-"),
+                s.statuses,
+                ", ".join(f"`{k}`" for k in s.varying) or "-",
+                f"[summary.md]({s.compare})" if s.compare else "-",
             ]
-            for s in result["sweeps"]
+            for s in result.sweeps
         ],
     )
-    claims = result["claims"]
+    claims = result.claims
+    answers: list[tuple[str, Judged, str]] = [
+        ("claim1", claims.claim1, _claim1_md(claims.claim1)),
+        ("claim2", claims.claim2, _claim2_md(claims.claim2)),
+        ("claim3", claims.claim3, _claim3_md(claims.claim3)),
+    ]
     summary = markdown_table(
         ["claim", "verdict"],
-        [[f"{k[-1]}. {TITLES[k]}", f"**{claims[k]['verdict']}**"] for k in TITLES],
+        [[f"{key[-1]}. {TITLES[key]}", f"**{c.verdict}**"] for key, c, _ in answers],
     )
     sections = [
-        f"# The paper's claims, tested on our runs\n\n{result['runs']} runs from "
-        f"{len(result['sweeps'])} sweep(s).\n\n{summary}\n",
+        f"# The paper's claims, tested on our runs\n\n{result.runs} runs from "
+        f"{len(result.sweeps)} sweep(s).\n\n{summary}\n",
         f"## Sweeps\n\n{sweeps}\n",
-        f"## Data and CPU kernel paths\n\n{_paths_md(result['paths'])}\n",
+        f"## Data and CPU kernel paths\n\n{_paths_md(result.paths)}\n",
     ]
-    bodies = {"claim1": _claim1_md, "claim2": _claim2_md, "claim3": _claim3_md}
-    for key, body in bodies.items():
-        c = claims[key]
+    for key, c, body in answers:
         figures = "".join(
             f"\n\n![{name}]({path.name})"
             for name, path in plots.items()
             if path and name.startswith(key)
         )
         sections.append(
-            f"## Claim {key[-1]}: {TITLES[key]}\n\n{_verdict_line(key, c['verdict'])}\n\n"
-            f"{c['reason']}\n\n{body(c)}{figures}\n"
+            f"## Claim {key[-1]}: {TITLES[key]}\n\n{_verdict_line(key, c.verdict)}\n\n"
+            f"{c.reason}\n\n{body}{figures}\n"
         )
-    sections.append(f"## Power: seeds per cell\n\n{_power_md(result['power'])}")
-    sections.append(f"## LR sensitivity\n\n{_lr_md(result['lr_sensitivity'])}")
+    sections.append(f"## Power: seeds per cell\n\n{_power_md(result.power)}")
+    sections.append(f"## LR sensitivity\n\n{_lr_md(result.lr_sensitivity)}")
     sections.append(f"## How the numbers are made\n\n{METHOD}")
-    if result["notes"]:
-        sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in result["notes"]) + "\n")
+    if result.notes:
+        sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in result.notes) + "\n")
     path = out / "report.md"
     path.write_text("\n".join(sections))
     return path
 
 
-def _jsonable(value: Any) -> Any:
-    """Stats as dicts, non-finite floats as null, so claims.json is strict JSON."""
-    if isinstance(value, Stat):
-        value = value.to_json()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _sweep_info(arg: str, runs: list[Run]) -> dict[str, Any]:
+def _sweep_info(arg: str, runs: list[Run]) -> Sweep:
     path = Path(arg)
     manifest = path / "sweep.yaml"
     listed = None
@@ -518,24 +523,24 @@ def _sweep_info(arg: str, runs: list[Run]) -> dict[str, Any]:
         statuses[str(run.summary.get("status"))] = (
             statuses.get(str(run.summary.get("status")), 0) + 1
         )
-    return {
-        "name": path.resolve().name,
-        "path": str(path),
-        "runs": len(runs),
-        "manifest_runs": listed,
-        "statuses": ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())),
-        "varying": varying_keys(runs) if len(runs) > 1 else [],
-        "compare": None,
-    }
+    return Sweep(
+        name=path.resolve().name,
+        path=str(path),
+        runs=len(runs),
+        manifest_runs=listed,
+        statuses=", ".join(f"{k} {v}" for k, v in sorted(statuses.items())),
+        varying=varying_keys(runs) if len(runs) > 1 else [],
+        compare=None,
+    )
 
 
-def _kernel_paths(runs: Sequence[Run]) -> list[dict[str, Any]]:
+def _kernel_paths(runs: Sequence[Run]) -> list[KernelPath]:
     """Runs per (CPU kernel path, loss floor), in first-seen order."""
     counts: dict[tuple[str | None, float], int] = {}
     for run in runs:
         key = (run.kernel_path, run.loss_floor)
         counts[key] = counts.get(key, 0) + 1
-    return [{"kernel_path": p, "loss_floor": f, "runs": n} for (p, f), n in counts.items()]
+    return [KernelPath(p, f, n) for (p, f), n in counts.items()]
 
 
 def build_report(
@@ -568,46 +573,45 @@ def build_report(
     for arg, arg_runs in by_arg:
         info = _sweep_info(arg, arg_runs)
         if per_sweep:
-            name = info["name"]
+            name = info.name
             while name in names:
                 name += "_"
             names.add(name)
             paths, _ = compare.report(arg_runs, out / "sweeps" / name)
-            info["compare"] = f"sweeps/{name}/summary.md"
+            info = replace(info, compare=f"sweeps/{name}/summary.md")
             written += paths
         sweeps.append(info)
     c1 = claim1(items)
-    result = {
-        "generated_by": "python -m study.report",
-        "rule": {
-            "z": Z,
-            "min_seeds": MIN_SEEDS,
-            "fisher_p": FISHER_P,
-            "final_window": FINAL_WINDOW,
-            "mid_window": list(MID_WINDOW),
-        },
-        "runs": len(runs),
-        "sweeps": sweeps,
-        "claims": {"claim1": c1, "claim2": claim2(items), "claim3": claim3(c1)},
-        "lr_sensitivity": lr_sensitivity(items),
-        "power": power(items),
-        "paths": _kernel_paths(runs),
-        "notes": notes,
-    }
+    claims = Claims(claim1=c1, claim2=claim2(items), claim3=claim3(c1))
+    result = Report(
+        generated_by="python -m study.report",
+        rule=Rule(
+            z=Z,
+            min_seeds=MIN_SEEDS,
+            fisher_p=FISHER_P,
+            final_window=FINAL_WINDOW,
+            mid_window=MID_WINDOW,
+        ),
+        runs=len(runs),
+        sweeps=sweeps,
+        claims=claims,
+        lr_sensitivity=lr_sensitivity(items),
+        power=power(items),
+        paths=_kernel_paths(runs),
+        notes=notes,
+    )
     figures = {}
     if plots:
         adamw = [f for f in items if f.optimizer == "adamw"]
         figures = {
-            "claim1: final loss against weight decay": plot_final_loss(c1["groups"], out),
+            "claim1: final loss against weight decay": plot_final_loss(c1.groups, out),
             "claim1: dynamics by weight decay": plot_dynamics(adamw, out),
             "claim2: runs by precision and weight decay": plot_divergence(adamw, out),
-            "claim3: improvement over no decay": plot_improvement(
-                result["claims"]["claim3"]["groups"], out
-            ),
+            "claim3: improvement over no decay": plot_improvement(claims.claim3.groups, out),
         }
     md = write_markdown(out, result, figures)
     claims_path = out / "claims.json"
-    claims_path.write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n")
+    claims_path.write_text(json.dumps(to_json(result), indent=1, allow_nan=False) + "\n")
     return [md, claims_path, *(p for p in figures.values() if p), *written], notes
 
 

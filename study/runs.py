@@ -42,7 +42,12 @@ class StudyError(ValueError):
 
 @dataclass
 class Run:
-    """One run directory, read back: config, metrics by step, eval losses, events, summary."""
+    """One run directory, read back: config, metrics by step, eval losses, events, summary.
+
+    Config, metric lines, events and summary stay dicts: they are the run's files as written,
+    free-form by design, since a run of any age may hold keys newer or older than
+    configs.schema and must still be read.
+    """
 
     name: str
     path: Path

@@ -9,15 +9,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 import numpy as np
 
 Z, MIN_SEEDS = 2.0, 2
 EFFECT = 0.02  # nats: the smallest difference in final validation loss a study should resolve
+# How a difference a - b reads: beyond Z SE either way, within it, or too few seeds to tell.
+Sign = Literal["lower", "higher", "same", "unknown"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stat:
     """Mean, sample std and count of the finite values among a group's runs."""
 
@@ -46,7 +48,8 @@ class Stat:
         spread = f" ± {self.std:{spec}}" if self.n >= 2 else ""
         return f"{self.mean:{spec}}{spread} (n={self.n})"
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, float | int | list[float]]:
+        """The JSON form of claims.json: the derived numbers beside the values they come from."""
         return {"mean": self.mean, "std": self.std, "n": self.n, "values": self.values}
 
 
@@ -55,24 +58,35 @@ def stat(values: Sequence[float]) -> Stat:
     return Stat([float(v) for v in values if math.isfinite(v)])
 
 
-def versus(a: Stat, b: Stat) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Comparison:
+    """a - b of two Stats' means, the standard error of that difference, and how it reads."""
+
+    diff: float
+    se: float
+    sign: Sign
+
+
+def versus(a: Stat, b: Stat) -> Comparison:
     """a - b with its standard error and a sign: lower, higher, same (within Z SE) or unknown."""
     diff = a.mean - b.mean
     se = math.hypot(a.se, b.se)
+    sign: Sign
     if a.n < MIN_SEEDS or b.n < MIN_SEEDS:
         sign = "unknown"
     elif abs(diff) > Z * se + 1e-12:
         sign = "lower" if diff < 0 else "higher"
     else:
         sign = "same"
-    return {"diff": diff, "se": se, "sign": sign}
+    return Comparison(diff, se, sign)
 
 
-def versus_text(c: dict[str, Any], spec: str = ".4f") -> str:
-    if c["sign"] == "unknown":
-        return f"{c['diff']:+{spec}} (too few seeds)" if math.isfinite(c["diff"]) else "-"
+def versus_text(c: Comparison, spec: str = ".4f") -> str:
+    """`-0.1000 ± 0.0163 (lower)`: the difference with its 2 SE bar, as report.md prints it."""
+    if c.sign == "unknown":
+        return f"{c.diff:+{spec}} (too few seeds)" if math.isfinite(c.diff) else "-"
     words = {"same": "within the seed spread"}
-    return f"{c['diff']:+{spec}} ± {Z * c['se']:{spec}} ({words.get(c['sign'], c['sign'])})"
+    return f"{c.diff:+{spec}} ± {Z * c.se:{spec}} ({words.get(c.sign, c.sign)})"
 
 
 def fisher_greater(a: int, n_a: int, b: int, n_b: int) -> float:

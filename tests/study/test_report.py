@@ -12,6 +12,7 @@ import math
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from study.stats import detectable, fisher_greater, pooled_std, seeds_needed, st
 from tests.study.conftest import config_with, event, train_line, write_run
 
 REPO = Path(__file__).resolve().parents[2]
+CLAIMS_KEYS = Path(__file__).with_name("claims_keys.txt")
 MAX_STEPS = 40
 NOISE = (0.01, -0.01, 0.0)  # per seed 1, 2, 3: mean 0, sample std 0.01
 
@@ -102,10 +104,10 @@ def test_stat_and_versus() -> None:
     a, b = stat([3.31, 3.29, 3.30, math.nan]), stat([3.21, 3.19, 3.20])
     assert (a.n, a.mean, a.std) == (3, pytest.approx(3.30), pytest.approx(0.01))
     c = versus(b, a)
-    assert c["diff"] == pytest.approx(-0.1) and c["sign"] == "lower"
-    assert c["se"] == pytest.approx(math.sqrt(2 * 0.01**2 / 3))
-    assert versus(a, a)["sign"] == "same"
-    assert versus(stat([3.0]), a)["sign"] == "unknown"
+    assert c.diff == pytest.approx(-0.1) and c.sign == "lower"
+    assert c.se == pytest.approx(math.sqrt(2 * 0.01**2 / 3))
+    assert versus(a, a).sign == "same"
+    assert versus(stat([3.0]), a).sign == "unknown"
 
 
 def test_fisher_by_hand() -> None:
@@ -527,3 +529,43 @@ def test_cli_errors_and_default_out(sweep_dir: Path, tmp_path: Path) -> None:
     assert result.stderr == f"error: '{tmp_path / 'missing'}' does not exist\n"
     assert default_out(str(sweep_dir)) == sweep_dir / "report"
     assert default_out(str(sweep_dir / "wd0-bf16")) == Path("docs/report")
+
+
+# --- claims.json's schema --------------------------------------------------------------------
+
+
+def key_paths(value: Any, prefix: str = "") -> Iterator[str]:
+    """Every key of a JSON value as a dotted path, `[]` for a list's items, in the file's order."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            yield path
+            yield from key_paths(item, path)
+    elif isinstance(value, list):
+        for item in value:
+            yield from key_paths(item, prefix + "[]")
+
+
+def test_claims_json_keeps_its_keys(tmp_path: Path) -> None:
+    """claims.json's keys, and their order, as the dict-built report wrote them before the
+    results were typed (study.results): divergences with controls and evidence, both optimizers
+    with a gap between them, and disagreeing groups with an LR grid, so every object shows up.
+
+    claims_keys.txt holds what these sweeps gave with that code; changing it changes the schema.
+    """
+    sweeps = [
+        [divergence_sweep(tmp_path / "div")],
+        [
+            wd_sweep(tmp_path / "adamw", {0.0: 3.3, 0.1: 3.2, 0.3: 3.22}),
+            l2_sweep(tmp_path / "l2", {1e-4: 3.25, 1e-3: 3.28}),
+        ],
+        [wd_sweep(tmp_path / "lr", {0.0: 3.3, 0.1: 3.2}, optim__lr=1e-3)],
+    ]
+    wd_sweep(tmp_path / "lr", {0.0: 3.25, 0.1: 3.25}, optim__lr=3e-3)
+    paths = [
+        path
+        for i, dirs in enumerate(sweeps)
+        for path in key_paths(make_report(*dirs, out=tmp_path / f"o{i}")[0])
+    ]
+    lines = CLAIMS_KEYS.read_text().splitlines()
+    assert list(dict.fromkeys(paths)) == [line for line in lines if not line.startswith("#")]

@@ -120,11 +120,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# The model keys a `model.size` preset sets (model/config.py's PRESETS).
+PRESET_KEYS = ("n_layer", "n_head", "n_embd")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> "TrainConfig":
-    """The default config (or `path`), with `section.key=value` overrides applied in order."""
+    """The default config (or `path`), with `section.key=value` overrides applied in order.
+
+    `model.size` given as an override replaces the shape the file spells out: the file's
+    `model.n_layer`, `n_head` and `n_embd` are dropped (those given as overrides still apply on
+    top of the preset), so that `model.size=gpt2` on any config trains GPT-2's shape.
+    """
     data = read_yaml(path if path is not None else DEFAULT_CONFIG)
-    for text in overrides:
-        key, value = parse_override(text)
+    keys = [parse_override(text) for text in overrides]
+    if ["model", "size"] in (key for key, _ in keys) and isinstance(data.get("model"), dict):
+        for name in PRESET_KEYS:
+            data["model"].pop(name, None)
+    for key, value in keys:
         _set(data, key, value)
     return validate(data)
 

@@ -18,7 +18,9 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 
 class ModelConfig(Section):
     size: Literal["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] = Field(
-        "tiny", description="preset that sets n_layer, n_head, n_embd"
+        "tiny",
+        description="preset that sets n_layer, n_head, n_embd; given on the command line it "
+        "replaces the config file's own n_layer, n_head and n_embd",
     )
     n_layer: int | None = Field(None, ge=1, description="transformer blocks (overrides the preset)")
     n_head: int | None = Field(None, ge=1, description="attention heads (overrides the preset)")

@@ -87,3 +87,26 @@ def test_paper_sweeps_vary_what_the_paper_varies(tmp_path):
     # the paper's definitions: the EMA's loss (0.99) beside the model's in every experiment
     for name in ("adamw_wd", "adam_l2", "bf16_divergence", "finetune_small_lr"):
         assert {r.config.train.ema for r in grid(name)} == {0.99}, name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "shape"),
+    [
+        (["model.size=gpt2"], (12, 12, 768)),  # the default config spells out 4 x 4 x 128
+        (["model.size=gpt2-medium"], (24, 16, 1024)),
+        (["model.size=gpt2", "model.n_layer=3"], (3, 12, 768)),  # the command line's own win
+        (["model.n_layer=3", "model.size=gpt2"], (3, 12, 768)),
+        (["model.n_embd=256"], (4, 4, 256)),  # no preset asked: the file's shape stays
+    ],
+)
+def test_a_preset_on_the_command_line_replaces_the_files_shape(overrides, shape):
+    """issue 22: `model.size=gpt2` with the default config used to train 4 x 4 x 128."""
+    model = load_config(None, overrides).model
+    assert (model.n_layer, model.n_head, model.n_embd) == shape
+
+
+def test_a_preset_in_the_file_gives_way_to_the_files_own_sizes(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  size: gpt2\n  n_layer: 2\n")
+    model = load_config(path).model
+    assert (model.n_layer, model.n_head, model.n_embd) == (2, 12, 768)

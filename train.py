@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from checkpoint.manager import CheckpointError
+from common.run_lock import RunLockError
 from configs import ConfigError, key_table, load_config
 from data.dataset import DataError
 from launch.distributed import close_distributed, lost_peer_error
@@ -30,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: `train.py [CONFIG.yaml] [section.key=value ...]`; bad input is a one-line error.
 
     Exit status: 0 completed (or stopped by the divergence policy, or preempted and saved),
-    2 a config, data or checkpoint the user must fix, 130 Ctrl-C, 1 anything else. Any other
-    exception on any rank is reported as `rank N: Type: message` after its traceback, so that
-    with several ranks the log says which one failed; the launcher (torchrun, srun) then stops
-    the others. A collective that failed because a peer is gone is one line naming the lost rank.
+    2 a config, data or checkpoint the user must fix, or a run another process is writing,
+    130 Ctrl-C, 1 anything else. Any other exception on any rank is reported as
+    `rank N: Type: message` after its traceback, so that with several ranks the log says which
+    one failed; the launcher (torchrun, srun) then stops the others. A collective that failed
+    because a peer is gone is one line naming the lost rank.
     """
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(cfg)
         diagnose_stop(cfg, summary)  # `divergence.diagnose=true`: why the run was stopped
         close_distributed()
-    except (ConfigError, CheckpointError, DataError) as err:
+    except (ConfigError, CheckpointError, DataError, RunLockError) as err:
         print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before the loop, or twice: nothing was saved

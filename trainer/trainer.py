@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from checkpoint.manager import (
     Checkpointer,
@@ -23,6 +24,7 @@ from checkpoint.manager import (
 )
 from checkpoint.preemption import PreemptionFlag
 from checkpoint.resume import resume_reason, select_init, select_resume
+from common.run_lock import RunLock, RunLockError
 from configs.schema import TrainConfig
 from data.dataset import DataError
 from data.loader import BatchLoader, resolve_dataset, validation_batches
@@ -52,6 +54,36 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     """
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    lock = hold_run_lock(run_dir, env)  # before anything is read or written
+    try:
+        return _run(cfg, env, run_dir, lock, stop_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def hold_run_lock(run_dir: Path, env: DistEnv) -> RunLock | None:
+    """Rank 0, the writer, takes the run's lock (`common.run_lock`); if it cannot, every rank
+    raises the same one-line `RunLockError`, so no rank waits on a peer that left."""
+    lock, error = None, ""
+    if env.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLockError as err:
+            error = str(err)
+    if env.world_size > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise RunLockError(error)
+    return lock
+
+
+def _run(
+    cfg: TrainConfig, env: DistEnv, run_dir: Path, lock: RunLock | None, stop_step: int | None
+) -> dict[str, Any]:
+    """`run` with the lock held."""
     ckpt = Checkpointer(run_dir, cfg.checkpoint, env.rank, env.world_size)
     resume_from = select_resume(ckpt, cfg, env.world_size)  # best first; [] starts afresh
     previous = read_summary(run_dir) if resume_from else None
@@ -62,6 +94,12 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     init_from = select_init(cfg, resume_from)  # another run's checkpoint, for a new run only
     data_dir = resolve_dataset(cfg.data)  # before the record: it notes the data's loss floor
     record = RunRecord(run_dir, cfg, env, data_dir, previous)
+    if lock is not None and lock.took_over:
+        stale = lock.took_over
+        record.message(
+            f"run lock: took over from PID {stale.get('pid')} on {stale.get('host')}, which "
+            "ended without releasing it"
+        )
     try:
         universal = loads_universal(cfg, env, resume_from, init_from)
         trainer = Trainer(cfg, env, ckpt, record, data_dir, universal, stop_step)

@@ -6,6 +6,8 @@ On-disk layout under `<run_dir>/checkpoints/`:
     step_.../KEEP         present on checkpoints retention must never delete (reasons inside)
     step_.../universal/   DeepSpeed's universal form, made on demand for a world-size change
     diverged_step_.../    the state at a divergence stop: kept, never resumed automatically
+    damaged_step_.../     a checkpoint a resume found damaged and passed over (DAMAGED says why):
+                          set aside, so neither retention nor a later save of its step erases it
     latest                the tag of the newest complete checkpoint (replaced atomically)
 A checkpoint is written under `.partial-<tag>` and renamed only once every rank has finished,
 so a crash at any moment leaves the previous checkpoint loadable; leftovers of a crashed save
@@ -38,6 +40,8 @@ KEEP_FILE = "KEEP"
 LATEST_FILE = "latest"
 PARTIAL_PREFIX = ".partial-"
 DIVERGED_PREFIX = "diverged_"
+DAMAGED_PREFIX = "damaged_"
+DAMAGED_FILE = "DAMAGED"
 UNIVERSAL_DIR = "universal"
 _CHUNK_BYTES = 16 << 20
 
@@ -152,6 +156,7 @@ class Checkpointer:
         # load_state_dict, which takes None for a checkpoint without it): rank 0 saves it as
         # `<name>.pt`, every rank loads it
         self.extras: dict[str, Any] = {}
+        self.skipped: list[dict[str, str]] = []  # set aside by the last resume: path, error
 
     def track(self, name: str, obj: Any) -> None:
         """Save and restore `obj` with every checkpoint (the weight EMA)."""
@@ -284,21 +289,40 @@ class Checkpointer:
     def resume(self, engine, candidates: list[Path]) -> tuple[Path, HarnessState]:
         """Load the first of `candidates` that loads, warning about each one that does not.
 
-        Raises a one-line `CheckpointError` if none does: checkpoints exist, so silently
-        starting afresh would throw away the run.
+        Each one passed over is set aside as `damaged_<tag>` with its error (`self.skipped`
+        lists them, for the resume event). Raises a one-line `CheckpointError` if none loads:
+        checkpoints exist, so silently starting afresh would throw away the run.
         """
-        failures = []
+        failures: list[tuple[Path, str]] = []
         for path in candidates:
             try:
-                return path, self.load(engine, path)
+                state = self.load(engine, path)
             except CheckpointError as err:
-                failures.append(str(err))
+                failures.append((path, str(err)))
                 if self.rank == 0:
                     warn(f"{err}; trying the previous checkpoint")
+                continue
+            self.skipped = [self._set_aside(bad, error) for bad, error in failures]
+            _barrier()
+            return path, state
         raise CheckpointError(
-            f"no checkpoint in {self.dir} could be loaded ({'; '.join(failures)}); to start "
+            f"no checkpoint in {self.dir} could be loaded "
+            f"({'; '.join(error for _, error in failures)}); to start "
             "afresh use a new run.name, or checkpoint.resume=never run.move_aside=true"
         )
+
+    def _set_aside(self, path: Path, error: str) -> dict[str, str]:
+        """Rank 0 renames a damaged checkpoint out of resume's and retention's sight, with a
+        DAMAGED file saying why; returns where it went and the error."""
+        aside = self.dir / f"{DAMAGED_PREFIX}{path.name}"
+        if self.rank == 0 and path.is_dir():
+            number = 1
+            while aside.exists():  # damaged at this step before: keep every one
+                aside, number = self.dir / f"{DAMAGED_PREFIX}{path.name}.{number}", number + 1
+            (path / DAMAGED_FILE).write_text(error + "\n")
+            os.replace(path, aside)
+            _fsync_dir(self.dir)
+        return {"path": str(aside), "error": error}
 
     def load(self, engine, path: Path, rng: bool = True) -> HarnessState:
         """Restore `engine` and (with `rng`) this rank's RNG from `path`; return the harness state.

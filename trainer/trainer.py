@@ -250,6 +250,7 @@ class Trainer:
                     from_world_size=state["world_size"],
                     universal=self.universal,
                     reason=resume_reason(self.cfg, self.record.previous or None),
+                    skipped=self.ckpt.skipped,  # damaged ones passed over, set aside
                 )
             )
             return

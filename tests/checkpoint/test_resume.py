@@ -213,6 +213,10 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     resume = runs.events(run_dir, "resume")[-1]
     assert resume["step"] == runs.MAX_STEPS - runs.INTERVAL
     assert_bitwise(run_set.reference, run_dir)
+    # the damaged checkpoint is named in the event and kept aside, though its step was saved again
+    aside = newest.with_name(f"damaged_{newest.name}")
+    assert [(s["path"], message in s["error"]) for s in resume["skipped"]] == [(str(aside), True)]
+    assert message in (aside / "DAMAGED").read_text() and newest.is_dir()
 
 
 @pytest.mark.slow

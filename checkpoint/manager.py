@@ -78,6 +78,23 @@ def step_of(path: Path) -> int:
     return int(path.name.removeprefix("step_"))
 
 
+def _write_failure(err: BaseException, directory: Path) -> str | None:
+    """What made a save fail to write, in a few words, or None if `err` is not a failed write:
+    an OSError says it itself; torch's zip writer turns a short write into a RuntimeError of
+    its own ('PytorchStreamWriter failed writing', 'unexpected pos'), so the free space is
+    the evidence there."""
+    if isinstance(err, OSError):
+        return str(err)
+    text = str(err)
+    if "PytorchStreamWriter" not in text and "inline_container" not in text:
+        return None
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return "torch could not write the file"
+    return f"torch could not write the file; {free / 2**20:.1f} MiB free on that disk"
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -217,6 +234,23 @@ class Checkpointer:
         good state, while the diverged one stays for forensics (`checkpoint.resume=PATH` loads it).
         """
         tag = DIVERGED_PREFIX * diverged + tag_for(state["step"])
+        try:
+            return self._save(engine, state, tag, diverged)
+        except (OSError, RuntimeError) as err:  # a full disk, a quota, a vanished mount
+            cause = _write_failure(err, self.dir)
+            if cause is None:
+                raise
+            if self.rank == 0:
+                self.remove_partials()  # the room it took, back
+            last = self.latest()
+            intact = f"{last.name} is intact" if last is not None else "no earlier one exists"
+            raise CheckpointError(
+                f"could not save checkpoint {tag} in {self.dir} ({cause}); {intact}: free "
+                "space (or fix the directory), then run the same command again to resume"
+            ) from err
+
+    def _save(self, engine, state: HarnessState, tag: str, diverged: bool) -> Path:
+        """`save` itself: write under `.partial-<tag>`, verify, rename, point `latest` at it."""
         partial = self.dir / f"{PARTIAL_PREFIX}{tag}"
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)

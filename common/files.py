@@ -46,8 +46,12 @@ def json_safe(value: Any) -> Any:
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` in one rename, so a reader or a crash never sees half a file."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:  # a full disk, say: never leave half a file behind
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

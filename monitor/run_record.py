@@ -116,7 +116,10 @@ class RunRecord:
                 )
             )
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        self.sinks.append(RunFiles(run_dir))
+        self.files = RunFiles(run_dir)
+        self.sinks.append(self.files)
+        if not (run_dir / "summary.json").exists():  # a summary from the start: its block is
+            self.files.summary({**self._empty(), "status": "running", "time": time.time()})
 
     def message(self, text: str) -> None:
         if self.active:
@@ -173,11 +176,29 @@ class RunRecord:
         (a rerun that failed at start-up did not change the run).
         """
         if self.written is not None or self.previous.get("status") != "completed":
-            empty = {"steps": 0, "divergences": 0, "first_divergence_step": None}
-            failed = {**empty, **self.previous, **(self.written or {}), "status": "failed"}
+            failed = {**self._empty(), **self.previous, **(self.written or {}), "status": "failed"}
             failed.update(final_loss=self.final_loss, final_val_loss=self.final_val_loss)
-            self._write({**failed, "error": f"{type(err).__name__}: {err}", "time": time.time()})
-        self.close()
+            failed.update(error=f"{type(err).__name__}: {err}", time=time.time())
+            try:
+                self._write(failed)
+            except OSError:  # a full disk must not hide the error that filled it
+                brief = {k: failed[k] for k in ("status", "steps", "error", "time")}
+                self.files.summary_in_place(brief)
+        try:
+            self.close()
+        except OSError:  # buffered lines that no longer fit: the summary above has the error
+            pass
+
+    @staticmethod
+    def _empty() -> dict[str, Any]:
+        """The summary of a run that has trained no step."""
+        return {
+            "steps": 0,
+            "final_loss": None,
+            "final_val_loss": None,
+            "divergences": 0,
+            "first_divergence_step": None,
+        }
 
     def close(self) -> None:
         if self.progress is not None:

@@ -50,6 +50,17 @@ class RunFiles:
     def summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / "summary.json", summary)
 
+    def summary_in_place(self, summary: dict[str, Any]) -> None:
+        """`summary` written over summary.json's own bytes: no new file, no rename, so no new
+        block on a disk the run has filled (the file's first block is already its own). The
+        last resort of a failure's record; a short summary keeps it within that block."""
+        path = self.run_dir / "summary.json"
+        with open(path, "r+" if path.exists() else "w") as f:
+            f.write(json.dumps(json_safe(summary)) + "\n")
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+
     def close(self) -> None:
         self._metrics.close()
         self._events.close()

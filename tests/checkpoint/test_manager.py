@@ -4,6 +4,8 @@ verification, fallback; plus the preemption flag and the resume rules."""
 import json
 import os
 import signal
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from checkpoint.manager import (
 from checkpoint.preemption import PreemptionFlag
 from checkpoint.resume import changed_keys, check_compatible, select_resume
 from configs import load_config
+from tests.helpers import finished_run_args, run_cli
 
 
 class FileEngine:
@@ -250,3 +253,54 @@ def test_rng_and_zero0_weights_load_weights_only(tmp_path):
     with pytest.raises(CheckpointError, match="cannot consolidate checkpoint .*Weights only"):
         consolidated_state_dict(ckpt)
     assert not marker.exists()
+
+
+@contextmanager
+def small_disk(path: Path, size_bytes: int):
+    """A tmpfs of `size_bytes` at `path`; the test skips where mounting is not allowed."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_the_run_failed_in_one_line(tmp_path):
+    """issue 22: a save that fills the disk used to end in 55 lines of chained traceback whose
+    last line was the summary's own ENOSPC, with `running` left in summary.json and a 0-byte
+    summary.json.partial beside it. Now: exit 2, one line naming the save and what is intact,
+    `failed` with that line in summary.json, and no partial file anywhere."""
+    reference = tmp_path / "ref" / "run"
+    args = {"train.max_steps": 4, "checkpoint.interval": 2, "checkpoint.keep_last": 3}
+    assert run_cli(*finished_run_args(reference, **args)).returncode == 0
+    first = checkpoint_bytes(reference / "checkpoints" / tag_for(0))
+    later = checkpoint_bytes(reference / "checkpoints" / tag_for(2))
+    cases = [  # (disk size, the save that fails, what the message says is intact)
+        (first + later // 2 + (1 << 20), 2, f"{tag_for(0)} is intact"),
+        (first // 2, 0, "no earlier one exists"),
+    ]
+    for number, (size, failing, intact) in enumerate(cases):
+        with small_disk(tmp_path / f"disk{number}", size) as disk:
+            run_dir = disk / "run"
+            proc = run_cli(*finished_run_args(run_dir, **args))
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"could not save checkpoint {tag_for(failing)}" in lines[0]
+            assert intact in lines[0]
+            summary = json.loads((run_dir / "summary.json").read_text())
+            assert summary["status"] == "failed" and "could not save" in summary["error"]
+            assert not [p for p in run_dir.rglob("*") if "partial" in p.name]
+            if failing:
+                assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag_for(0)

@@ -460,6 +460,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-tokens", default="1048576", help="ngram: validation tokens")
     parser.add_argument("--order", type=int, default=3, help="ngram: order of the model")
     parser.add_argument("--vocab", type=int, default=2048, help="ngram: ids kept, incl. 'other'")
+    parser.add_argument(
+        "--repeat-fraction", type=float, default=0.0, help="ngram: share of copied tokens"
+    )
+    parser.add_argument("--repeat-window", type=int, help="ngram repeats: the models' block_size")
+    parser.add_argument(
+        "--repeat-span", type=int, nargs=2, default=(8, 32), help="ngram repeats: span min max"
+    )
     args = parser.parse_args(argv)
     if args.sources == [NGRAM]:
         return _main_ngram(args)
@@ -497,6 +504,9 @@ def _main_ngram(args: argparse.Namespace) -> int:
             vocab_size=args.vocab,
             seed=args.seed,
             force=args.force,
+            repeat_fraction=args.repeat_fraction,
+            repeat_window=args.repeat_window,
+            repeat_span=tuple(args.repeat_span),
         )
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -38,8 +38,9 @@ and by 0.47 of the error (L2) both have against fp64; exact ties at the row max 
 on the tie case delta's bias is unchanged (sign coherence -0.470 tiled, -0.473 untiled). Which
 blocks a GPU uses depends on the kernel (FA2's forward walks them from the diagonal back, 64 or
 128 keys by head size and GPU), so no one tiling is "the GPU's"; untiled is the row-max limit.
-`all_bf16` matches the reference kernel exactly up to its 512-key blocks (the proxy's context
-is 256); past that the reference also rounds its running row sum and O between blocks.
+`all_bf16` matches the reference kernel, up to the order of fp32 accumulation, for up to its
+512-key blocks (the proxy's context is 256); past that it also rounds its running row sum and O
+between blocks.
 """
 
 from typing import Any, Literal, NamedTuple, get_args

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from checkpoint.config import CheckpointConfig
 from configs.base import Section
 from data.config import DataConfig
-from model.config import ModelConfig
+from model.config import FlashVariant, ModelConfig
 from monitor.config import DivergenceConfig, TelemetryConfig, WandbConfig
 from optim.config import DeepSpeedConfig, OptimConfig
 
@@ -75,6 +75,13 @@ class TrainConfig(Section):
         "emulated: a GPU's tensor-core bf16 arithmetic in fp32 kernels, the same on every CPU "
         "(model/tensor_core.py)",
     )
+    bf16_flash: FlashVariant = Field(
+        "fa2",
+        description="with bf16_kernels=emulated, flash attention's numerics (model/flash.py): "
+        "fa2: a GPU's FlashAttention-2, delta from the bf16 O; fp32_delta: delta from the fp32 "
+        "O; dynamic_max: Qiu & Yao's tie-avoiding row max; all_bf16: every intermediate in bf16 "
+        "(their reference kernel, the aggressive bound)",
+    )
     tf32: bool = Field(False, description="TF32 matmuls in fp32 (GPU only)")
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
@@ -93,6 +100,11 @@ class TrainConfig(Section):
         if self.bf16_kernels == "emulated" and self.precision != "bf16":
             raise ValueError(
                 "bf16_kernels=emulated emulates bf16 arithmetic: it needs precision=bf16"
+            )
+        if self.bf16_flash != "fa2" and self.bf16_kernels != "emulated":
+            raise ValueError(
+                f"bf16_flash={self.bf16_flash} chooses the emulation's flash attention: it needs "
+                "bf16_kernels=emulated (and precision=bf16)"
             )
         if self.optim.name == "adam_spd" and self.checkpoint.init_from is None:
             raise ValueError(

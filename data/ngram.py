@@ -13,6 +13,10 @@ EOT), and at each position all chains draw their next token at once, choosing at
 between the discounted counts of their context and the back-off to the next lower order, as
 the interpolated model's mixture weights say. Chains come in groups of `GROUP_CHAINS` with their
 own seeds, so a longer stream with the same seed begins with the shorter one's bytes.
+
+With `repeat_fraction` (`--repeat-fraction`), a share of the tokens are spans copied from
+earlier in the same context window, so that induction heads and near-tied attention rows can
+form; its floor is computed exactly (data/repeats.py).
 """
 
 import json
@@ -34,6 +38,7 @@ from data.dataset import (
     read_meta,
     sync,
 )
+from data.repeats import RepeatSpec, repeat_floor, sample_with_repeats
 from data.tokenizer import EOT_TOKEN
 
 GROUP_CHAINS = 1024  # chains sampled side by side (one numpy call covers all of them)
@@ -140,33 +145,37 @@ class NgramModel:
             prob = np.where(found, own + backoff * prob, prob)
         return np.log(prob)
 
+    def draw(self, history: np.ndarray, draws: np.ndarray) -> np.ndarray:
+        """One next token per row of `history` (N, order - 1), from uniform `draws` (N, order + 1):
+        at each order, highest first, the discounted counts of the context or the back-off to
+        the next lower order, as the interpolated model's mixture weights say."""
+        width = self.order - 1
+        token = np.full(len(history), -1, dtype=np.int64)
+        pending = np.arange(len(history))
+        for context_length in range(width, -1, -1):  # highest order first
+            level = self.levels[context_length]
+            ctx = self._context_keys(history[pending], context_length)
+            found, index = self._find(level, ctx)
+            total = level.ctx_total[index]
+            own_mass = total - level.discount * level.ctx_types[index]
+            r = draws[pending, context_length] * total
+            take = found & (r < own_mass)
+            start = level.ctx_start[index[take]]
+            before = np.where(start > 0, level.cum[np.maximum(start - 1, 0)], 0.0)
+            entry = np.searchsorted(level.cum, before + r[take], side="right")
+            end = start + level.ctx_types[index[take]].astype(np.int64) - 1
+            token[pending[take]] = level.keys[np.minimum(entry, end)] % self.vocab_size
+            pending = pending[~take]
+        token[pending] = (draws[pending, -1] * self.vocab_size).astype(np.int64)
+        return token
+
     def sample(self, num_chains: int, length: int, rng: np.random.Generator) -> np.ndarray:
         """(num_chains, length) tokens, each chain from a document start (EOT context)."""
-        width = self.order - 1
-        history = np.full((num_chains, width), self.start_token, dtype=np.int64)
+        history = np.full((num_chains, self.order - 1), self.start_token, dtype=np.int64)
         out = np.empty((num_chains, length), dtype=np.int64)
-        rows = np.arange(num_chains)
         for t in range(length):
-            draws = rng.random((num_chains, self.order + 1))
-            token = np.full(num_chains, -1, dtype=np.int64)
-            pending = rows
-            for context_length in range(width, -1, -1):  # highest order first
-                level = self.levels[context_length]
-                ctx = self._context_keys(history[pending], context_length)
-                found, index = self._find(level, ctx)
-                total = level.ctx_total[index]
-                own_mass = total - level.discount * level.ctx_types[index]
-                r = draws[pending, context_length] * total
-                take = found & (r < own_mass)
-                start = level.ctx_start[index[take]]
-                before = np.where(start > 0, level.cum[np.maximum(start - 1, 0)], 0.0)
-                entry = np.searchsorted(level.cum, before + r[take], side="right")
-                end = start + level.ctx_types[index[take]].astype(np.int64) - 1
-                token[pending[take]] = level.keys[np.minimum(entry, end)] % self.vocab_size
-                pending = pending[~take]
-            token[pending] = (draws[pending, -1] * self.vocab_size).astype(np.int64)
-            out[:, t] = token
-            history = np.concatenate([history[:, 1:], token[:, None]], axis=1)
+            out[:, t] = self.draw(history, rng.random((num_chains, self.order + 1)))
+            history = np.concatenate([history[:, 1:], out[:, t, None]], axis=1)
         return out
 
     def chain_log_probs(self, chains: np.ndarray) -> np.ndarray:
@@ -204,17 +213,23 @@ def sample_stream(
     *,
     group_chains: int = GROUP_CHAINS,
     chain_tokens: int = CHAIN_TOKENS,
+    repeats: RepeatSpec | None = None,
 ) -> None:
     """Write `num_tokens` of the split's stream to `out` as uint16 bytes.
 
     The stream is groups of `group_chains` chains of `chain_tokens`, group g seeded by
     (seed, split, g), each chain written whole: the last group is sampled in full and cut.
+    With `repeats`, chains hold copied spans (data/repeats.py).
     """
     group_tokens = group_chains * chain_tokens
     num_groups = math.ceil(num_tokens / group_tokens)
     for group in tqdm(range(num_groups), desc=f"sampling {split}", unit="group", disable=None):
         rng = np.random.Generator(np.random.PCG64([seed, SPLIT_STREAMS[split], group]))
-        chains = model.sample(group_chains, chain_tokens, rng).astype("<u2").reshape(-1)
+        if repeats is None:
+            chains = model.sample(group_chains, chain_tokens, rng)
+        else:
+            chains, _ = sample_with_repeats(model, group_chains, chain_tokens, rng, repeats)
+        chains = chains.astype("<u2").reshape(-1)
         out.write(chains[: num_tokens - group * group_tokens].tobytes())
 
 
@@ -255,9 +270,14 @@ def window_floor(meta: dict[str, Any], block_size: int) -> float | None:
 
     Position 0 of a window has no context (unigram entropy), position 1 one token (bigram
     conditional entropy), later ones the generator's (its entropy rate; exact for order 3, a
-    slight underestimate above). None when the dataset has no known floor.
+    slight underestimate above). A stream with repeats has its own floor, for windows of the
+    size it was made for (data/repeats.py). None when the dataset has no known floor.
     """
-    rate = (meta.get("generator") or {}).get("entropy_rate")
+    generator = meta.get("generator") or {}
+    if "repeats" in generator:
+        repeats = generator["repeats"]
+        return repeats["loss_floor"] if block_size == repeats["window"] else None
+    rate = generator.get("entropy_rate")
     if not rate or block_size < 2:
         return None
     head = rate["unigram_entropy"] + rate["bigram_conditional_entropy"]
@@ -288,12 +308,17 @@ def prepare_ngram(
     force: bool = False,
     group_chains: int = GROUP_CHAINS,
     chain_tokens: int = CHAIN_TOKENS,
+    repeat_fraction: float = 0.0,
+    repeat_window: int | None = None,
+    repeat_span: tuple[int, int] = (8, 32),
 ) -> Path:
     """Fit the generator on the built-in corpus and write `num_tokens` of train, `val_tokens`
     of val and a meta.json with the generator and its entropy rate into `out_dir`.
 
     `group_chains` and `chain_tokens` set the stream's layout (see `sample_stream`); tests
-    make them small. Raises `DataError` for bad arguments; an existing output is untouched.
+    make them small. `repeat_fraction` > 0 copies spans of `repeat_span` tokens inside windows
+    of `repeat_window` tokens, the block_size of the models that read it (data/repeats.py).
+    Raises `DataError` for bad arguments; an existing output is untouched.
     """
     from data.builtin import prepare_builtin
 
@@ -301,6 +326,7 @@ def prepare_ngram(
         raise DataError(f"--tokens and --val-tokens must be >= 1, got {num_tokens}, {val_tokens}")
     if not 2 <= vocab_size <= 2**16:
         raise DataError(f"--vocab must be in [2, 65536], got {vocab_size}")
+    repeats = _repeat_spec(repeat_fraction, repeat_window, repeat_span, chain_tokens)
     out_dir = Path(out_dir)
     check_writable(out_dir, force)
     corpus_dir = prepare_builtin(data_dir)
@@ -325,18 +351,21 @@ def prepare_ngram(
             with path.open("wb") as out:
                 sample_stream(
                     model, count, seed, name, out,
-                    group_chains=group_chains, chain_tokens=chain_tokens,
+                    group_chains=group_chains, chain_tokens=chain_tokens, repeats=repeats,
                 )  # fmt: skip
                 sync(out)
             splits[name] = {"file": path.name, "num_tokens": count, "sha256": file_sha256(path)}
         rate = entropy_rate(model, seed, chain_tokens)
+        source = f"{order}-gram Kneser-Ney stream fitted on {corpus_meta['source']}"
+        if repeats is not None:
+            source += f", {repeat_fraction:.0%} of tokens in copied spans"
         meta = {
             "format_version": 1,
             "tokenizer": f"gpt2-top{vocab_size - 1}+other",
             "vocab_size": vocab_size,
             "eot_token": eot,
             "dtype": "uint16",
-            "source": f"{order}-gram Kneser-Ney stream fitted on {corpus_meta['source']}",
+            "source": source,
             "generator": {
                 "kind": "interpolated Kneser-Ney n-gram",
                 "order": order,
@@ -351,11 +380,33 @@ def prepare_ngram(
             },
             "splits": splits,
         }
+        if repeats is not None:
+            bigram = rate["bigram_conditional_entropy"]
+            heldout = np.random.Generator(np.random.PCG64([seed, SPLIT_STREAMS["heldout"], 1]))
+            meta["generator"]["repeats"] = repeat_floor(
+                model, repeats, bigram, heldout, chain_tokens
+            )
         finish(work_dir, out_dir, meta, force)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
     return out_dir
+
+
+def _repeat_spec(
+    fraction: float, window: int | None, span: tuple[int, int], chain_tokens: int
+) -> RepeatSpec | None:
+    """The repeats of `prepare_ngram`'s arguments (None for none), or a one-line DataError."""
+    if fraction == 0:
+        return None
+    if window is None:
+        raise DataError("--repeat-fraction needs --repeat-window (the models' block_size)")
+    if chain_tokens % window:
+        raise DataError(f"--repeat-window {window} must divide the chains' {chain_tokens} tokens")
+    try:
+        return RepeatSpec(fraction, window, *span)
+    except ValueError as e:
+        raise DataError(f"{e} (--repeat-fraction, --repeat-window, --repeat-span)") from None
 
 
 def parse_count(text: str) -> int:

@@ -6,6 +6,9 @@ from pydantic import Field, model_validator
 
 from configs.base import Section
 
+# The emulation's flash attention numerics (model/flash.py says what each computes).
+FlashVariant = Literal["fa2", "fp32_delta", "dynamic_max", "all_bf16"]
+
 # (n_layer, n_head, n_embd); GPT-2's published sizes plus a ~1M-parameter size for tests.
 PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (2, 2, 64),

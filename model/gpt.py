@@ -11,12 +11,15 @@ References:
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from model.config import ModelConfig
+from model.flash import flash_forward, tie_rows, to_bf16
+from model.flash import scores as flash_scores
 
 
 class LayerNorm(nn.Module):
@@ -51,10 +54,8 @@ class CausalSelfAttention(nn.Module):
         self.q_ln = LayerNorm(head_size, config.bias) if config.qk_layernorm else None
         self.k_ln = LayerNorm(head_size, config.bias) if config.qk_layernorm else None
 
-    def forward(
-        self, x: torch.Tensor, telemetry: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the output and, with telemetry, max |q.k/sqrt(hs)| over the causal scores."""
+    def forward(self, x: torch.Tensor, readings: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of x (B, T, C); with `readings` (4,), telemetry fills it (`_read_scores`)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -63,22 +64,62 @@ class CausalSelfAttention(nn.Module):
         if self.q_ln is not None:
             q, k = self.q_ln(q), self.k_ln(k)
         # SDPA never materialises the scores, so telemetry recomputes them; ordinary calls skip it
-        logit_max = self._logit_max(q, k) if telemetry else None
+        if readings is not None:
+            self._read_scores(q, k, readings)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )  # (B, nh, T, hs)
+        if readings is not None and y.requires_grad:  # delta needs dO: read in the backward
+            y.register_hook(partial(_read_delta, q.detach(), k.detach(), v.detach(), readings))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble the heads
-        return self.resid_dropout(self.c_proj(y)), logit_max
+        return self.resid_dropout(self.c_proj(y))
 
     @staticmethod
     @torch.no_grad()
-    def _logit_max(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Max |attention logit| before softmax, in fp32 so bf16 rounding does not hide growth."""
+    def _read_scores(q: torch.Tensor, k: torch.Tensor, readings: torch.Tensor) -> None:
+        """readings[0]: max |attention logit|, in fp32 so bf16 rounding does not hide growth;
+        readings[1]: the fraction of rows with a tie as FA2 sees it (two or more P_bar that
+        round to 1, from bf16 q and k: model/flash.py), over all heads and positions."""
         T = q.size(-2)
         scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
         # masked entries become 0, which never wins the max of absolute values
-        return scores.abs().masked_fill(~causal, 0.0).amax()
+        readings[0] = scores.abs().masked_fill(~causal, 0.0).amax()
+        fa2_scores = flash_scores(to_bf16(q.float()), to_bf16(k.float()), q.size(-1) ** -0.5, True)
+        readings[1] = tie_rows(fa2_scores).float().mean()
+
+    @torch.no_grad()
+    def qk_spectral_norms(self) -> torch.Tensor:
+        """(2, nh): the spectral norms of each head's W_Q and W_K, the (hs, C) slices of c_attn's
+        weight whose product bounds that head's logits (qk-layernorm's gains not included)."""
+        C, nh = self.n_embd, self.n_head
+        w_q, w_k = self.c_attn.weight[: 2 * C].float().view(2, nh, C // nh, C).unbind(0)
+        return torch.linalg.matrix_norm(torch.stack([w_q, w_k]), ord=2)
+
+
+@torch.no_grad()
+def _read_delta(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, readings: torch.Tensor, grad: torch.Tensor
+) -> None:
+    """A backward hook on attention's output: FA2's delta error against an fp32 shadow.
+
+    delta_bf16 = rowsum(dO * O_bf16) as FA2 forms it from its stored bf16 O; delta_fp32 from the
+    fp32 attention (fp32 softmax, no rounding of P) of the same bf16 q, k, v. readings[2]: mean
+    of (delta_bf16 - delta_fp32) over rows, relative to mean |delta_fp32| (so readings compare
+    across steps whatever the gradient's scale); readings[3]: its sign coherence, sum / sum of
+    |.|: near +-1 when the rows err one way (Qiu & Yao's mechanism), near 0 when at random.
+    Always FA2's (`bf16_flash: fa2`) whatever the run computes: what a GPU's flash kernel would
+    put into delta at these weights, so an fp32 or native run reads on the same scale.
+    """
+    q, k, v = (to_bf16(t.float()) for t in (q, k, v))
+    d_out = to_bf16(grad.float())
+    scale = q.size(-1) ** -0.5
+    fa2 = flash_forward(q, k, v, scale, "fa2", is_causal=True)
+    shadow = torch.softmax(flash_scores(q, k, scale, True), dim=-1) @ v  # (B, nh, T, hs)
+    delta_fp32 = (d_out * shadow).sum(-1)  # (B, nh, T)
+    error = (d_out * fa2.out).sum(-1) - delta_fp32  # (B, nh, T)
+    readings[2] = error.mean() / delta_fp32.abs().mean().clamp_min(1e-30)
+    readings[3] = error.sum() / error.abs().sum().clamp_min(1e-30)
 
 
 class MLP(nn.Module):
@@ -106,13 +147,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x: torch.Tensor, telemetry: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, logit_max = self.attn(self.ln_1(x), telemetry)
-        x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, logit_max
+    def forward(self, x: torch.Tensor, readings: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), readings)
+        return x + self.mlp(self.ln_2(x))
 
 
 @dataclass
@@ -129,6 +166,9 @@ class GPTOutput:
             zero-sum residual of the logits' gradient (see `GPT._softmax_collapse`).
         attn_logit_max: detached fp32 (n_layer,), per layer max |q.k/sqrt(hs)| over the causal
             scores; None unless telemetry.
+        attn_flash: detached fp32 (n_layer, 3), with telemetry, per layer: the fraction of
+            rows with an FA2 tie, then (filled by the backward; NaN without one) FA2's relative
+            delta bias and its sign coherence (`CausalSelfAttention._read_scores`, `_read_delta`).
     """
 
     logits: torch.Tensor
@@ -136,6 +176,7 @@ class GPTOutput:
     log_z: torch.Tensor | None = None
     softmax_collapse: torch.Tensor | None = None
     attn_logit_max: torch.Tensor | None = None
+    attn_flash: torch.Tensor | None = None
 
 
 class GPT(nn.Module):
@@ -205,15 +246,19 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C)
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-        logit_maxes = []
-        for block in self.transformer.h:
-            x, logit_max = block(x, telemetry)
-            logit_maxes.append(logit_max)
+        # each layer writes its telemetry into a row: the forward's now, the backward's later
+        readings = (
+            torch.full((self.config.n_layer, 4), torch.nan, device=idx.device)
+            if telemetry
+            else None
+        )  # (n_layer, 4)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, None if readings is None else readings[layer])
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
 
         out = GPTOutput(logits=logits)
-        if telemetry:
-            out.attn_logit_max = torch.stack(logit_maxes).float()  # (n_layer,)
+        if readings is not None:
+            out.attn_logit_max, out.attn_flash = readings[:, 0], readings[:, 1:]
         if targets is None and not telemetry:
             return out
         # softmax statistics in fp32: under bf16 autocast a sum over 50k logits loses too much;

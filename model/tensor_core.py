@@ -14,11 +14,13 @@ GPU's backward matmuls read them in bf16.
 
 The mode intercepts the two ops through which GPT multiplies activations: `F.linear` (every
 projection and the LM head) and `F.scaled_dot_product_attention` (as flash attention computes
-it). Everything else runs in fp32, as it would under a GPU's autocast; the weights, the
-gradients handed to the optimizer and Adam's state stay fp32.
+it, forward and backward: model/flash.py, in the variant the config key `bf16_flash` names).
+Everything else runs in fp32, as it would under a GPU's autocast; the weights, the gradients
+handed to the optimizer and Adam's state stay fp32.
 """
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,17 +28,19 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from model.flash import FlashVariant, flash_attention, to_bf16
+
 
 class _RoundBF16(torch.autograd.Function):
     """x rounded to the nearest bf16 (ties to even), kept in x's dtype; the gradient likewise."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.to(torch.bfloat16).to(x.dtype)
+        return to_bf16(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.to(torch.bfloat16).to(grad.dtype)
+        return to_bf16(grad)
 
 
 def round_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -59,37 +63,30 @@ def attention(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    flash: FlashVariant = "fa2",
 ) -> torch.Tensor:
-    """SDPA as flash attention computes it in bf16: fp32 scores and softmax, bf16 probabilities.
-
-    Flash's online softmax rescales block by block; the result differs from one softmax over the
-    row only by fp32 rounding, far below bf16's.
-    """
+    """SDPA as flash attention computes it in bf16, forward and backward (model/flash.py)."""
     if enable_gqa:
         raise ValueError("the tensor-core emulation has no grouped-query attention")
     q, k, v = round_bf16(q), round_bf16(k), round_bf16(v)
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale  # (..., T, S) fp32, from exact bf16 products
-    if is_causal:
-        T, S = scores.shape[-2:]
-        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    elif attn_mask is not None:
-        scores = scores + attn_mask
-    probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p)
-    return round_bf16(round_bf16(probs) @ v)
+    return flash_attention(q, k, v, scale, flash, is_causal, attn_mask, dropout_p)
 
 
 class TensorCoreBF16(TorchFunctionMode):
-    """While active, `F.linear` and SDPA compute as a GPU's bf16 tensor cores do (module doc)."""
+    """While active, `F.linear` and SDPA compute as a GPU's bf16 tensor cores do (module doc).
 
-    # torch's own kernels, whatever F.linear has been rebound to since
-    OPS = {
-        torch._C._nn.linear: linear,
-        torch._C._nn.scaled_dot_product_attention: attention,
-    }
+    Args:
+        flash: the flash attention variant (model/flash.py); `fa2` is a GPU's.
+    """
+
+    def __init__(self, flash: FlashVariant = "fa2") -> None:
+        super().__init__()
+        # torch's own kernels, whatever F.linear has been rebound to since
+        self.ops = {
+            torch._C._nn.linear: linear,
+            torch._C._nn.scaled_dot_product_attention: partial(attention, flash=flash),
+        }
 
     def __enter__(self) -> "TensorCoreBF16":
         if F.linear is not torch._C._nn.linear:
@@ -104,13 +101,13 @@ class TensorCoreBF16(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # the mode is off inside this method, so the fp32 kernels below are not intercepted again
-        return self.OPS.get(func, func)(*args, **(kwargs or {}))
+        return self.ops.get(func, func)(*args, **(kwargs or {}))
 
 
-def emulate_tensor_cores(module: nn.Module) -> None:
-    """Every forward of `module` from now on runs under `TensorCoreBF16` (hooks: state dicts,
-    parameter names and DeepSpeed's own hooks are unchanged)."""
-    mode = TensorCoreBF16()
+def emulate_tensor_cores(module: nn.Module, flash: FlashVariant = "fa2") -> None:
+    """Every forward of `module` from now on runs under `TensorCoreBF16(flash)` (hooks: state
+    dicts, parameter names and DeepSpeed's own hooks are unchanged)."""
+    mode = TensorCoreBF16(flash)
 
     def enter(*_: Any) -> None:  # a pre-hook that returned the mode would replace the inputs
         mode.__enter__()

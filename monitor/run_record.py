@@ -98,9 +98,12 @@ class RunRecord:
         if not self.active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        kernel_path = device_path(env.device, cfg.bf16_kernels == "emulated")
+        if cfg.bf16_kernels == "emulated":  # beside `bf16`: which flash numerics it emulates
+            kernel_path["bf16_flash"] = cfg.bf16_flash
         meta = {
             **versions(env.world_size),
-            "kernel_path": device_path(env.device, cfg.bf16_kernels == "emulated"),
+            "kernel_path": kernel_path,
             "data": loss_floor(data_dir, cfg.model.block_size),
         }
         resolved = {**cfg.model_dump(mode="json"), "meta": meta}

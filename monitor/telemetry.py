@@ -4,12 +4,25 @@ attention-logit and log Z readings; for the slingshot watch, the output layer's 
 (`param_norm/output`, the tied wte/lm_head matrix), its growth per step, and the softmax-collapse
 readings of the logits (`softmax_saturated`, `zero_sum_residual`).
 
+Flash attention's bf16 mechanism (Qiu & Yao 2025; model/flash.py), on the steps of the logit
+telemetry, per layer: `attn_tie_frac/layer{i}`, the fraction of rows with two or more P_bar
+that round to 1 in bf16; `attn_delta_bias/layer{i}`, the mean signed error of FA2's delta
+against an fp32 shadow, relative to mean |delta|, with `attn_delta_coherence/layer{i}` (+-1:
+one-signed) and `attn_delta_bias_sum/layer{i}`, the running sum of the readings since this
+process started (a resumed run starts it again; the readings themselves rebuild it); and
+`attn_wq_norm/layer{i}`, `attn_wk_norm/layer{i}`: the spectral norm of each head's W_Q and W_K
+(a list over heads). Cost: +137 ms on a log step of 1.31 s (10%) at the default config (4 layers,
+4 heads, 128 wide, context 128, 16 sequences), one thread on 2 shared cores of an AVX2-only AMD
+EPYC under load (docs/proxy_study/flash_backward.md); other steps pay nothing.
+
 Under ZeRO 3 a parameter's data lives in per-rank shards (`ds_tensor`); squares are summed over
-the shards and all-reduced, so every stage reports the same norms.
+the shards and all-reduced, so every stage reports the same norms. The spectral norms need whole
+matrices: each layer's c_attn weight is gathered in turn (a collective: every rank reads).
 """
 
 import math
 import re
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -28,6 +41,26 @@ def _local_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
         else:
             out.append((name, param.detach(), False))
     return out
+
+
+def _qk_spectral_norms(model: nn.Module) -> torch.Tensor | None:
+    """(n_layer, 2, nh) spectral norms of each head's W_Q and W_K (None for a model without
+    GPT's blocks); under ZeRO 3 each layer's c_attn weight is gathered while it is read."""
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if blocks is None:
+        return None
+    norms = []
+    for block in blocks:
+        weight = block.attn.c_attn.weight
+        if hasattr(weight, "ds_tensor"):
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([weight])
+        else:
+            gathered = nullcontext()
+        with gathered:
+            norms.append(block.attn.qk_spectral_norms())
+    return torch.stack(norms)
 
 
 def _decay_names(model: nn.Module) -> set[str]:
@@ -80,6 +113,7 @@ class Telemetry:
         self.decay_names = _decay_names(model)
         self.output_name = _output_name(model)
         self._output_norm: float | None = None  # at the previous reading, for its growth rate
+        self._delta_bias_sum: dict[int, float] = {}  # per layer, over the readings so far
         self._before: dict[str, torch.Tensor] | None = None
         self.steps = 0
         self.clipped = 0
@@ -133,8 +167,12 @@ class Telemetry:
         attn = output.attn_logit_max if output is not None else None
         log_z = output.log_z if output is not None else None
         collapse = output.softmax_collapse if output is not None else None
+        flash = output.attn_flash if output is not None else None
+        qk_norms = _qk_spectral_norms(self.model) if attn is not None else None
         parts = [stacked.sqrt()] + [
-            t.detach().float().reshape(-1) for t in (attn, log_z, collapse) if t is not None
+            t.detach().float().reshape(-1)
+            for t in (attn, log_z, collapse, flash, qk_norms)
+            if t is not None
         ]
         values = torch.cat([p.to(stacked.device) for p in parts]).tolist()  # host sync
         norms = dict(zip(keys, values[: len(keys)], strict=True))
@@ -160,11 +198,34 @@ class Telemetry:
         if log_z is not None:
             line["log_z"], readings = readings[0], readings[1:]
         if collapse is not None:
-            line["softmax_saturated"], line["zero_sum_residual"] = readings[:2]
+            line["softmax_saturated"], readings = readings[0], readings[1:]
+            line["zero_sum_residual"], readings = readings[0], readings[1:]
+        if flash is not None:
+            line.update(self._flash_readings(readings[: flash.numel()]))
+            readings = readings[flash.numel() :]
+        if qk_norms is not None:
+            heads = qk_norms.size(-1)
+            for layer in range(qk_norms.size(0)):
+                at = 2 * heads * layer
+                line[f"attn_wq_norm/layer{layer}"] = readings[at : at + heads]
+                line[f"attn_wk_norm/layer{layer}"] = readings[at + heads : at + 2 * heads]
         if "output" in norms:
             line.update(self._output_growth(norms["output"]))
         self._before = None
         self.steps = self.clipped = self.skipped = 0
+        return line
+
+    def _flash_readings(self, values: list[float]) -> dict[str, float]:
+        """The per-layer tie and delta keys from (tie fraction, delta bias, coherence) triples."""
+        line = {}
+        for layer in range(len(values) // 3):
+            tie, bias, coherence = values[3 * layer : 3 * layer + 3]
+            line[f"attn_tie_frac/layer{layer}"] = tie
+            line[f"attn_delta_bias/layer{layer}"] = bias
+            line[f"attn_delta_coherence/layer{layer}"] = coherence
+            if math.isfinite(bias):  # NaN: this forward had no backward
+                self._delta_bias_sum[layer] = self._delta_bias_sum.get(layer, 0.0) + bias
+            line[f"attn_delta_bias_sum/layer{layer}"] = self._delta_bias_sum.get(layer, 0.0)
         return line
 
     def _output_growth(self, norm: float) -> dict[str, float]:

@@ -217,7 +217,7 @@ def initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, load_universal)
     )
     if cfg.bf16_kernels == "emulated":  # (only with precision=bf16)
-        emulate_tensor_cores(engine.module)
+        emulate_tensor_cores(engine.module, cfg.bf16_flash)
     if isinstance(optimizer, FormAdam):
         optimizer.attach(engine, cfg.zero_stage)
     return engine, optimizer

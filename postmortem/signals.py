@@ -17,10 +17,13 @@ from configs.schema import TrainConfig
 from monitor.detectors import GRAD_NORM_LOG_FLOOR, SpikeDetector
 
 # Metrics that are not signals of the model's state: schedule, throughput, bookkeeping, and
-# aggregates whose parts are judged (`attn_logit_max` is the max of the per-layer readings).
+# aggregates whose parts are judged (`attn_logit_max` is the max of the per-layer readings), and
+# the flash mechanism's running sum (cumulative: it departs by construction) and the coherence
+# of delta's error (a sign share in [-1, 1], noise until the bias itself grows).
 _NOT_SIGNALS = re.compile(
     r"^(step|tokens|time|lr|eff_lr(/.*)?|tok_per_s|mfu|step_time_ms|peak_mem_mb|clip_frac"
-    r"|skipped_steps|grad_norm_clipped|attn_logit_max|attn_logit_max/layers|val_.*)$"
+    r"|skipped_steps|grad_norm_clipped|attn_logit_max|attn_logit_max/layers|val_.*"
+    r"|attn_delta_bias_sum/.*|attn_delta_coherence/.*)$"
 )
 # Fewest baseline readings before a series is judged (the detectors' smallest window).
 MIN_BASELINE = 8

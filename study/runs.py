@@ -256,6 +256,20 @@ def schema_defaults() -> dict[str, Any]:
     return flatten(TrainConfig().model_dump(mode="json"))
 
 
+# An emulated bf16 run made before `bf16_flash` existed computed attention's backward through
+# autograd's fp32 softmax, not as any flash kernel: reading it as the key's default (`fa2`) would
+# pool it with runs of another backward.
+FORWARD_ONLY_FLASH = "forward-only (before bf16_flash)"
+
+
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's flat config, with the defaults of keys newer than the run (`schema_defaults`)."""
+    flat = {**schema_defaults(), **flatten(config)}
+    if "bf16_flash" not in config and flat.get("bf16_kernels") == "emulated":
+        flat["bf16_flash"] = FORWARD_ONLY_FLASH
+    return flat
+
+
 def load_run(path: str | Path) -> Run:
     """Read one run directory; a missing config.yaml is a StudyError."""
     path = Path(path)
@@ -278,7 +292,7 @@ def load_run(path: str | Path) -> Run:
         name=path.name,
         path=path,
         config=config,
-        flat_config={**schema_defaults(), **flatten(config)},
+        flat_config=_with_defaults(config),
         metrics=metrics,
         val=val,
         events=events,

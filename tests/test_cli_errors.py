@@ -61,6 +61,8 @@ CASES = [
     ("train-wrong-type", "train.py", ["train.max_steps=abc"], "'train.max_steps'"),
     ("train-out-of-range", "train.py", ["train.max_steps=0"], "'train.max_steps'"),
     ("train-emulated-fp32", "train.py", ["bf16_kernels=emulated"], "needs precision=bf16"),
+    ("train-flash-native", "train.py", ["bf16_flash=fp32_delta"], "needs bf16_kernels=emulated"),
+    ("train-flash-unknown", "train.py", ["bf16_flash=fa3"], "expected 'fa2', 'fp32_delta'"),
     ("train-betas-range", "train.py", ["optim.betas=[0.9,1.5]"], "optim.betas"),
     ("train-lr-inf", "train.py", ["optim.lr=inf"], "'optim.lr': Input should be a finite"),
     ("train-wd-nan", "train.py", ["optim.weight_decay=nan"], "'optim.weight_decay'"),

@@ -57,8 +57,9 @@ def test_attention_rounds_where_flash_attention_does() -> None:
     rq, rk, rv = (t.bfloat16().double() for t in (q, k, v))
     scores = (rq @ rk.transpose(-2, -1)) / 8**0.5
     scores = scores.masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).float().bfloat16().double()
-    exact = (probs @ rv).float()
+    # flash rounds the unnormalised probabilities exp(s - rowmax) and divides by their exact sum
+    p_bar = (scores - scores.amax(-1, keepdim=True)).exp()
+    exact = ((p_bar.float().bfloat16().double() @ rv) / p_bar.sum(-1, keepdim=True)).float()
     assert is_bf16(out)
     assert bf16_ulps(out, exact).max() <= 1.0
     reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)

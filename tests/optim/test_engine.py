@@ -7,6 +7,7 @@ import torch
 
 from configs import ConfigError, load_config
 from model import GPT
+from model.tensor_core import TensorCoreBF16
 from optim.engine import UpdateGate, deepspeed_config, initialize, set_lr
 from optim.groups import param_groups
 from tests.helpers import tiny_overrides
@@ -144,6 +145,29 @@ def test_emulated_bf16_rounds_in_fp32_kernels(dist_env, stage, torch_linear):
     assert logits.dtype == torch.float32 and torch.equal(logits, logits.bfloat16().float())
     native = engine_run(load_config(None, tiny_overrides(precision="bf16")), dist_env, batches(2))
     assert [r.loss for r in losses] == pytest.approx([r.loss for r in native[0]], abs=0.02)
+
+
+def test_bf16_flash_reaches_the_emulation(dist_env, torch_linear):
+    """The engine's forward computes attention as `bf16_flash` says (model/flash.py)."""
+    x, y = batches(1)[0]
+    grads = {}
+    for flash in ("fa2", "all_bf16"):
+        cfg = load_config(
+            None,
+            tiny_overrides(
+                precision="bf16", bf16_kernels="emulated", bf16_flash=flash, zero_stage=0
+            ),
+        )
+        _, _, engine = engine_run(cfg, dist_env, [])
+        torch.manual_seed(cfg.run.seed)
+        model = GPT(cfg.model)
+        with TensorCoreBF16(flash):
+            model(x, y).loss.backward()
+        engine(x, y).loss.backward()
+        mine = [p.grad for p in engine.module.parameters()]
+        assert all(torch.equal(a, b.grad) for a, b in zip(mine, model.parameters(), strict=True))
+        grads[flash] = torch.cat([g.flatten() for g in mine])
+    assert not torch.equal(grads["fa2"], grads["all_bf16"])
 
 
 def test_emulated_bf16_needs_bf16():

@@ -15,12 +15,15 @@ AMX_CPU = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "
 
 def test_an_emulated_bf16_run_records_the_emulation(tmp_path) -> None:
     run_dir = tmp_path / "emulated"
-    args = finished_run_args(run_dir, precision="bf16", bf16_kernels="emulated")
+    args = finished_run_args(
+        run_dir, precision="bf16", bf16_kernels="emulated", bf16_flash="dynamic_max"
+    )
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = yaml.safe_load((run_dir / "config.yaml").read_text())["meta"]
     assert meta["kernel_path"]["path"] == kernel_path()["path"]  # an fp32 run's: comparable
     assert meta["kernel_path"]["bf16"] == "tensor-core emulation in fp32 kernels"
+    assert meta["kernel_path"]["bf16_flash"] == "dynamic_max"  # model/flash.py's variant
 
 
 def test_bf16_distances_of_a_run(finished_run, capsys, torch_linear) -> None:

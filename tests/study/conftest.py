@@ -35,6 +35,7 @@ BASE_CONFIG: dict[str, Any] = {
     },
     "train": {"max_steps": NUM_STEPS, "micro_batch_size": 16, "grad_accum_steps": 1},
     "precision": "bf16",
+    "bf16_flash": "fa2",  # every run since issue 20 records it
     "zero_stage": 0,
     "divergence": {"policy": "record"},
     "wandb": {"mode": "offline", "group": "g"},

@@ -17,6 +17,7 @@ import pytest
 
 from study.compare import default_out, ema, main, report
 from study.runs import (
+    FORWARD_ONLY_FLASH,
     StudyError,
     label,
     labels,
@@ -125,6 +126,17 @@ def test_a_key_newer_than_a_run_is_read_as_its_default(tmp_path: Path) -> None:
     runs = load_runs([tmp_path / "old", tmp_path / "new"])
     assert runs[0].flat_config["bf16_kernels"] == "native" and varying_keys(runs) == []
     assert varying_keys(load_runs([tmp_path / "old", tmp_path / "emulated"])) == ["bf16_kernels"]
+
+
+def test_an_emulated_run_older_than_bf16_flash_is_not_read_as_fa2(tmp_path: Path) -> None:
+    """Its attention backward was autograd's fp32 one: never pooled with FA2 runs."""
+    old = config_with(bf16_kernels="emulated")
+    old.pop("bf16_flash", None)
+    write_run(tmp_path, "old", old, [train_line(1, 5.0)])
+    write_run(tmp_path, "new", config_with(bf16_kernels="emulated"), [train_line(1, 5.0)])
+    runs = load_runs([tmp_path / "old", tmp_path / "new"])
+    assert [r.flat_config["bf16_flash"] for r in runs] == [FORWARD_ONLY_FLASH, "fa2"]
+    assert varying_keys(runs) == ["bf16_flash"]
 
 
 def test_varying_keys_and_labels(sweep_dir: Path) -> None:

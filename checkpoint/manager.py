@@ -31,18 +31,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from checkpoint import layout
 from checkpoint.config import CheckpointConfig
+from checkpoint.layout import (
+    DAMAGED_FILE,
+    DAMAGED_PREFIX,
+    DIVERGED_PREFIX,
+    HARNESS_FILE,
+    KEEP_FILE,
+    LATEST_FILE,
+    MANIFEST_FILE,
+    PARTIAL_PREFIX,
+    UNIVERSAL_DIR,
+    step_of,
+    tag_for,
+)
 from common.files import write_json_atomic, write_text_atomic
 
-HARNESS_FILE = "harness.json"
-MANIFEST_FILE = "manifest.json"
-KEEP_FILE = "KEEP"
-LATEST_FILE = "latest"
-PARTIAL_PREFIX = ".partial-"
-DIVERGED_PREFIX = "diverged_"
-DAMAGED_PREFIX = "damaged_"
-DAMAGED_FILE = "DAMAGED"
-UNIVERSAL_DIR = "universal"
 _CHUNK_BYTES = 16 << 20
 
 
@@ -67,15 +72,6 @@ class HarnessState(TypedDict):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which and what to do."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of(path: Path) -> int:
-    """The step in a checkpoint directory's name (`step_00000100` -> 100)."""
-    return int(path.name.removeprefix("step_"))
 
 
 def _write_failure(err: BaseException, directory: Path) -> str | None:
@@ -183,41 +179,23 @@ class Checkpointer:
 
     def published(self) -> list[Path]:
         """Every renamed (published) checkpoint directory, readable or not, oldest first."""
-        if not self.dir.is_dir():
-            return []
-        found = [p for p in self.dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
-        return sorted(found, key=step_of)
+        return layout.published(self.dir)
 
     def complete(self) -> list[Path]:
         """Complete checkpoints (those with a harness file), oldest first."""
-        return [p for p in self.published() if (p / HARNESS_FILE).is_file()]
+        return layout.complete(self.dir)
 
     def pointer(self) -> Path | None:
         """The checkpoint `latest` names, if that is a published directory."""
-        pointer = self.dir / LATEST_FILE
-        try:
-            path = self.dir / pointer.read_text().strip()
-        except OSError:
-            return None
-        return path if path.name.startswith("step_") and path.is_dir() else None
+        return layout.pointer(self.dir)
 
     def latest(self) -> Path | None:
         """The checkpoint a resume tries first, if it is complete."""
-        found = [p for p in self.candidates() if (p / HARNESS_FILE).is_file()]
-        return found[0] if found else None
+        return layout.latest(self.dir)
 
     def candidates(self) -> list[Path]:
-        """Published checkpoints in the order a resume tries them: `latest` first, then older.
-
-        Checkpoints newer than the one `latest` names are left out: they are from before a
-        rollback, on the abandoned trajectory. Without a valid pointer, newest step first.
-        """
-        published = self.published()
-        pointed = self.pointer()
-        if pointed is None:
-            return published[::-1]
-        older = [p for p in published if step_of(p) < step_of(pointed)]
-        return [pointed, *older[::-1]]
+        """Published checkpoints in the order a resume tries them (`layout.candidates`)."""
+        return layout.candidates(self.dir)
 
     def before(self, step: int) -> Path | None:
         """The newest complete checkpoint taken strictly before `step`."""

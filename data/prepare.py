@@ -17,8 +17,10 @@ a run killed hard leaves only a `.<name>.tmp-*` sibling, safe to delete.
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from data.dataset import META_FILE, OPENWEBTEXT, DataError
 from data.text import openwebtext_source, prepare
@@ -27,7 +29,35 @@ NGRAM = "ngram"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m data.prepare`; returns the exit status (2 for a data error)."""
+    """`python -m data.prepare`; returns the exit status (2 for a data error, 130 for Ctrl-C).
+
+    Ctrl-C is one line and exit 130, whatever the tokenizer's worker pool was doing: the pool's
+    workers (forked, so they share this handler) ignore it and the main process stops, which
+    removes the unfinished output (`data.dataset` writes it in a hidden sibling).
+    """
+    main_pid, interrupted = os.getpid(), []
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if os.getpid() == main_pid:  # a forked worker leaves the stopping to its parent
+            interrupted.append(signum)
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        return _main(argv)
+    except BaseException:
+        if not interrupted:
+            raise
+        print(
+            "error: interrupted; nothing was written: run the same command again", file=sys.stderr
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """`main` itself."""
     parser = argparse.ArgumentParser(
         prog="python -m data.prepare", description=__doc__.split("\n")[0]
     )

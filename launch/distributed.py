@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed.distributed_c10d as c10d
 
+from common.process import signal_on_parent_death
 from configs import ConfigError
 
 HEARTBEAT_S = 1.0  # seconds between heartbeat ticks
@@ -66,8 +67,12 @@ def init_distributed(preference: str, collective_timeout_s: float | None = None)
 
     `python train.py` with no launcher gets a one-rank group on a free local port, so the code
     path is the same for one rank and many. `collective_timeout_s` bounds every collective and
-    the rendezvous (None: torch's default); with several ranks the heartbeat starts.
+    the rendezvous (None: torch's default); with several ranks the heartbeat starts. A
+    torchrun worker asks for SIGTERM when its launcher dies (`common.process`): killed with
+    `kill -9`, torchrun cannot stop its workers, which then save and stop by themselves.
     """
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: stop with the launcher
+        signal_on_parent_death()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -38,9 +38,12 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -48,7 +51,9 @@ from typing import Any, NoReturn
 
 import yaml
 
+from checkpoint import layout
 from common.files import write_text_atomic
+from common.process import signal_on_parent_death
 from configs import ConfigError, load_config, parse_override, read_yaml, to_yaml
 from configs.schema import TrainConfig
 from launch.cost import CPU_FLOPS_PER_S, Cost, estimate
@@ -313,22 +318,26 @@ def expand(sweep: Sweep, out: str | None = None) -> list[Run]:
 
 
 def run_state(run_dir: Path, max_steps: int) -> tuple[str, int]:
-    """('done' | 'resume' | 'new', steps trained) from the run directory's summary.json.
+    """('done' | 'resume' | 'new', the step it stands at) from the run directory's files.
 
-    `diverged` counts as done: the run ended by its divergence policy, and resuming would go on
-    past the stop, which is another experiment.
+    Done is read from summary.json: `diverged` counts as done (the run ended by its divergence
+    policy, and resuming would go on past the stop, which is another experiment). Otherwise the
+    step is the one a rerun really resumes from, its newest loadable checkpoint, which can lie
+    behind the summary's steps (a run killed between two checkpoints); no checkpoint: 'new'.
     """
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         summary = None
-    if not isinstance(summary, dict):
-        return ("resume" if (run_dir / "checkpoints" / "latest").is_file() else "new"), 0
-    steps = summary["steps"] if isinstance(summary.get("steps"), int) else 0
-    status = summary.get("status")
-    if status == "diverged" or (status == "completed" and steps >= max_steps):
-        return "done", steps
-    return "resume", steps  # running (killed), preempted, failed, or completed short of max_steps
+    if isinstance(summary, dict):
+        steps = summary["steps"] if isinstance(summary.get("steps"), int) else 0
+        status = summary.get("status")
+        if status == "diverged" or (status == "completed" and steps >= max_steps):
+            return "done", steps
+    checkpoint = layout.latest(run_dir / "checkpoints")
+    if checkpoint is None:
+        return "new", 0
+    return "resume", layout.step_of(checkpoint)  # killed, preempted, failed or grown
 
 
 # ------------------------------------------------------------------------------------------
@@ -377,10 +386,43 @@ def _report(run: Run, index: int, total: int, seconds: float) -> str:
     return f"[{index}/{total}] {run.name}: {status}{loss} ({seconds:.0f} s)"
 
 
+class Interrupted(Exception):
+    """The sweep was told to stop (Ctrl-C, SIGTERM) and its current run has saved and ended."""
+
+    def __init__(self, signum: int, line: str) -> None:
+        super().__init__(line)
+        self.signum = signum
+
+
+@contextmanager
+def forwarding_signals(child: subprocess.Popen) -> Iterator[list[int]]:
+    """While inside, SIGINT and SIGTERM reach `child` (once each time they reach the sweep)
+    instead of stopping the sweep; yields the signals received, in order.
+
+    The child runs in its own session, so a terminal's Ctrl-C reaches the sweep alone and the
+    child hears it exactly once, from here: a second SIGINT would make it quit without saving.
+    """
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_serial(sweep: Sweep, runs: list[Run]) -> int:
     """`python train.py` per run, in turn, output to RUN_DIR/train.log; returns the failures.
 
     A fresh process per run: a crash, leaked thread or process group cannot touch the next run.
+    A signal to the sweep goes to its current run, which saves and stops; the sweep then raises
+    `Interrupted` and starts no further run. The child also gets SIGTERM if the sweep dies
+    without a word (SIGKILL), so that no orphan trains on beside a rerun of the sweep.
     """
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
     failures = 0
@@ -393,7 +435,18 @@ def run_serial(sweep: Sweep, runs: list[Run]) -> int:
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(command)}\n")
             f.flush()
-            code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+            child = subprocess.Popen(
+                command,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=signal_on_parent_death,
+            )
+            with forwarding_signals(child) as received:
+                code = child.wait()
+        if received:
+            raise Interrupted(received[0], _report(run, i, len(runs), time.time() - start))
         if code != 0:
             failures += 1
             last = (log.read_text(errors="replace").strip().splitlines() or [""])[-1]
@@ -573,7 +626,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"manifest {write_manifest(sweep, runs, out, args.executor)}")
     if args.executor == "serial":
-        failures = run_serial(sweep, todo)
+        try:
+            failures = run_serial(sweep, todo)
+        except Interrupted as stop:  # the run has saved: one line, and the shell sees the signal
+            print(f"{stop}; interrupted ({signal.Signals(stop.signum).name}): rerun to resume")
+            return 128 + stop.signum
+        except KeyboardInterrupt:  # between two runs: none was training
+            print("interrupted between runs: rerun to go on", file=sys.stderr)
+            return 130
     else:
         failures = submit_runs(todo, options, wait)
     if failures:

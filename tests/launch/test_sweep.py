@@ -3,13 +3,18 @@ dry run of every shipped sweep, skipping finished runs, and one real CPU sweep r
 
 import io
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from checkpoint.layout import HARNESS_FILE, tag_for
 from configs import load_config, parse_override, validate
 from launch import sweep as sw
 
@@ -330,9 +335,14 @@ def test_dry_run_prints_every_run_config_and_the_cost(path, tmp_path, capsys):
 # Finished runs are skipped, unfinished ones resumed
 
 
-def fake_run(run_dir: Path, status: str, steps: int) -> None:
+def fake_run(run_dir: Path, status: str, steps: int, saved: int | None = None) -> None:
+    """A run's summary at `steps` and its checkpoint at `saved` (default: `steps`)."""
     run_dir.mkdir(parents=True)
     (run_dir / "summary.json").write_text(json.dumps({"status": status, "steps": steps}))
+    checkpoint = run_dir / "checkpoints" / tag_for(steps if saved is None else saved)
+    checkpoint.mkdir(parents=True)
+    (checkpoint / HARNESS_FILE).write_text("{}")
+    (run_dir / "checkpoints" / "latest").write_text(checkpoint.name)
 
 
 def test_finished_runs_are_skipped_and_unfinished_resumed(tmp_path, capsys, monkeypatch):
@@ -343,14 +353,17 @@ def test_finished_runs_are_skipped_and_unfinished_resumed(tmp_path, capsys, monk
     fake_run(out / "s" / "wd0", "completed", 20)
     fake_run(out / "s" / "wd0.1", "completed", 10)  # max_steps grew since: resume
     (out / "s" / "wd0.3" / "checkpoints").mkdir(parents=True)  # killed before any summary
-    (out / "s" / "wd0.3" / "checkpoints" / "latest").write_text("step_00000005")
+    (out / "s" / "wd0.3" / "checkpoints" / "latest").write_text("step_00000005")  # not saved
     states = {r.name: (r.state, r.steps_done) for r in sw.expand(sw.load_sweep(path), str(out))}
-    assert states == {"wd0": ("done", 20), "wd0.1": ("resume", 10), "wd0.3": ("resume", 0)}
+    assert states == {"wd0": ("done", 20), "wd0.1": ("resume", 10), "wd0.3": ("new", 0)}
     assert sw.main([str(path), "--dry-run", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert re.search(r"^  wd0 +skip \(finished\)", text, flags=re.M)
     assert re.search(r"^  wd0.1 +resume at 10", text, flags=re.M)
     assert "2 of 3 runs to do" in text
+    # issue 22: stopped at step 15 with its newest checkpoint at 10: the plan says 10
+    fake_run(out / "s" / "wd1", "stopped", 15, saved=10)
+    assert sw.run_state(out / "s" / "wd1", 20) == ("resume", 10)
 
     for name in ("wd0.1", "wd0.3"):
         (out / "s" / name / "summary.json").write_text('{"status": "diverged", "steps": 7}')
@@ -412,3 +425,95 @@ def test_slurm_sweep_submits_one_job_array(tmp_path, capsys, slurm_cluster):
     for name in ("wd0", "wd0.1"):
         summary = json.loads((out / "queued" / name / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["steps"] == TINY_RUN["train.max_steps"]
+
+
+# ------------------------------------------------------------------------------------------
+# Interrupts reach the run, which saves; one writer per run (issue 22)
+
+
+def start_long_sweep(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """`python -m launch.sweep` (serial) on one long run, started as a user would (in the
+    environment `cpu_train_env` sets), once the run has trained past step 5 (between two of its
+    checkpoints)."""
+    overrides = {**TINY_RUN, "train.max_steps": 2000, "checkpoint.interval": 500}
+    path = write_sweep(tmp_path, "long", overrides={**overrides, "train.log_interval": 1})
+    out = tmp_path / "out"
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "launch.sweep", str(path), "--executor", "serial", "--yes"]
+        + ["--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run_dir = out / "long" / "run"  # a sweep of one run names it `run`
+    deadline = time.time() + 240
+    while last_step(run_dir) < 5 and sweep.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert last_step(run_dir) >= 5, "the sweep's run never reached step 5"
+    return sweep, run_dir
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return max((json.loads(line)["step"] for line in lines[:-1]), default=0)  # whole lines
+
+
+def train_pid(run_dir: Path) -> int:
+    return json.loads((run_dir / "run.lock").read_text())["pid"]
+
+
+def gone(pid: int, timeout_s: float = 120) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGINT, "stopped"), (signal.SIGTERM, "preempted")]
+)
+def test_a_signal_to_a_sweep_saves_its_run_at_the_current_step(
+    tmp_path, cpu_train_env, signum, status
+):
+    """Ctrl-C used to leave the run `running` at step 15 with `latest` at 10, a 35-line
+    traceback, and a plan that said "resume at 15"; SIGTERM orphaned the run."""
+    sweep, run_dir = start_long_sweep(tmp_path)
+    child = train_pid(run_dir)
+    sweep.send_signal(signum)
+    out, err = sweep.communicate(timeout=240)
+    assert sweep.returncode == 128 + signum, out + err
+    assert "Traceback" not in err and err.strip() == ""
+    assert f"interrupted ({signal.Signals(signum).name}): rerun to resume" in out.splitlines()[-1]
+    assert gone(child, 5)  # the sweep waited for it
+    summary = json.loads((run_dir / "summary.json").read_text())
+    saved = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert summary["status"] == status and saved == f"step_{summary['steps']:08d}"
+    assert 5 <= summary["steps"] < 500  # its current step, between two periodic checkpoints
+    plan = subprocess.run(
+        [sys.executable, "-m", "launch.sweep", str(tmp_path / "long.yaml"), "--dry-run"]
+        + ["--out", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert re.search(rf"^  run +resume at {summary['steps']} ", plan.stdout, flags=re.M)
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_leaves_no_run_training(tmp_path, cpu_train_env):
+    """`kill -9` on the sweep: its run gets SIGTERM from the kernel, saves and stops, so a rerun
+    of the sweep never meets a second writer (the run lock would refuse one anyway)."""
+    sweep, run_dir = start_long_sweep(tmp_path)
+    child = train_pid(run_dir)
+    sweep.kill()
+    sweep.communicate(timeout=60)
+    assert gone(child), "the sweep's run trained on after the sweep was killed"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "preempted" and 5 <= summary["steps"] < 500
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["signal"] for e in events if e["kind"] == "preempt"] == ["SIGTERM"]

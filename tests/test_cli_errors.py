@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.run_lock import RunLock
 from tests.helpers import cli_env, finished_run_args, run_cli, tree_hash
 
 ERROR_LINE = re.compile(r"(^|: )error: ")  # ours (`error: ...`) and argparse's (`prog: error:`)
@@ -73,6 +74,7 @@ CASES = [
     # train.py: a run's start (a subprocess each)
     ("train-resume-never-over-a-run", "run", ["checkpoint.resume=never"], "already holds a run"),
     ("train-config-change", "run", ["optim.lr=0.01"], "different optim.lr"),
+    ("train-run-locked", "locked", [], "is being written by PID"),  # this test holds its lock
     ("train-cuda-without-gpu", "run", ["run.device=cuda"], "no CUDA device"),
     ("train-resume-missing", "fresh", ["checkpoint.resume={tmp}/nope"], "harness.json"),
     ("train-init-from-missing", "fresh", ["checkpoint.init_from={tmp}/nope"], "harness.json"),
@@ -271,13 +273,18 @@ def test_bad_input_is_one_line_and_changes_nothing(
     paths = {"run": finished_run, "data": dataset, "in": inputs, "tmp": tmp_path}
     argv = [arg.format(**paths) for arg in args]
     before = tree_hash(finished_run, dataset, inputs)
-    if entry in ("run", "fresh"):  # as far as a run's start: a process of its own
-        run_dir = finished_run if entry == "run" else tmp_path / "fresh"
+    holder = RunLock(finished_run).acquire() if entry == "locked" else None
+    if entry in ("run", "fresh", "locked"):  # as far as a run's start: a process of its own
+        run_dir = tmp_path / "fresh" if entry == "fresh" else finished_run
         env = cli_env()
         if "wandb.mode=online" in argv:  # no credentials anywhere
             env = {k: v for k, v in env.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
             env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path))
-        proc = run_cli(*finished_run_args(run_dir), *argv, env=env)
+        try:
+            proc = run_cli(*finished_run_args(run_dir), *argv, env=env)
+        finally:
+            if holder is not None:
+                holder.release()
         status, err = proc.returncode, proc.stdout + proc.stderr
     else:
         monkeypatch.chdir(Path(__file__).resolve().parents[1])

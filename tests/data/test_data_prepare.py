@@ -3,8 +3,11 @@
 import hashlib
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -309,3 +312,37 @@ def test_a_non_utf8_jsonl_line_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"a\.jsonl:2: not UTF-8 \(invalid start byte at byte 10\)"):
         prepare(src, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_tokenizing_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    """issue 22: Ctrl-C with two tokenizer processes used to end in ~50 lines ending in the pool's
+    TimeoutError and exit 1. The terminal's SIGINT reaches the whole process group, workers too;
+    now one line, exit 130, and no output or temporary directory left."""
+    rng = np.random.default_rng(0)
+    words = np.array(["".join(rng.choice(list("abcdefghij"), 6)) for _ in range(2000)])
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(200):
+        (docs / f"d{i:03d}.txt").write_text(" ".join(rng.choice(words, 6000)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data.prepare", str(docs), "--out", str(out), "--num-proc", "2"],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp-*/arrow/*_of_00002*")) and proc.poll() is None:
+        assert time.time() < deadline, "data.prepare's two tokenizers never started"
+        time.sleep(0.05)  # the two workers' shards appear once tokenizing has begun
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "error: interrupted; nothing was written: run the same command again"
+    )
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))

@@ -101,3 +101,43 @@ def test_lost_peer_is_named_and_the_run_resumes(tmp_path, cpu_train_env, victim,
     assert [Path(e["path"]).name for e in resumes] == [f"step_{saved:08d}"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == STEPS
+
+
+def alive(pattern: str) -> list[int]:
+    """PIDs of the processes whose command line holds `pattern` (this test's run directory)."""
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(pid) for pid in found.split()]
+
+
+@pytest.mark.slow
+def test_workers_of_a_killed_torchrun_save_and_stop(tmp_path, cpu_train_env):
+    """`kill -9` on torchrun used to leave both ranks training to the end, unwatched, beside
+    any rerun. The kernel now sends each worker SIGTERM as its launcher dies: they save at
+    the same step and stop (`preempted`), and a rerun resumes there."""
+    run_dir = tmp_path / "orphans"
+    args = [*COMMON, "train.max_steps=2000", "checkpoint.interval=500"]
+    args += [f"run.out_dir={tmp_path}", "run.name=orphans", "train.log_interval=1"]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + ["train.py", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **cpu_train_env},
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "torchrun.log").open("wb"),
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + WAIT_S
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 4) and (
+        time.time() < deadline
+    ):
+        assert launcher.poll() is None, (tmp_path / "torchrun.log").read_text()[-3000:]
+        time.sleep(0.2)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.time() + WAIT_S
+    while alive(str(run_dir)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert alive(str(run_dir)) == [], "the workers trained on after torchrun was killed"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "preempted" and 3 <= summary["steps"] < 500
+    assert latest_step(run_dir) == summary["steps"]

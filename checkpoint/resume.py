@@ -12,21 +12,12 @@ from checkpoint.manager import (
     read_harness,
     warn,
 )
+from configs import flatten_config
 from configs.schema import TrainConfig
 
 # Keys whose change would silently make a different run; the rest (steps, intervals, logging,
 # checkpointing, monitoring) may change on resume.
 RUN_DEFINING = ("model", "optim", "precision", "data.dataset", "run.seed", "zero_stage")
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "extra":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def changed_keys(saved: dict[str, Any], cfg: TrainConfig, world_size: int) -> list[str]:
@@ -35,8 +26,8 @@ def changed_keys(saved: dict[str, Any], cfg: TrainConfig, world_size: int) -> li
     The global batch counts as one key: how it is split into ranks and accumulation steps may
     change (the data order depends only on the global batch), its size may not.
     """
-    old = _flatten(saved)
-    new = _flatten(cfg.model_dump(mode="json"))
+    old = flatten_config(saved)
+    new = flatten_config(cfg.model_dump(mode="json"))
     changed = [
         f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
         for key in sorted(set(old) | set(new))
@@ -137,8 +128,8 @@ def select_init(cfg: TrainConfig, resume_from: list[Path]) -> Path | None:
     if resume_from or cfg.checkpoint.init_from is None:
         return None
     path = Path(cfg.checkpoint.init_from)
-    saved = _flatten({"model": read_harness(path)["config"]["model"]})
-    new = _flatten({"model": cfg.model.model_dump(mode="json")})
+    saved = flatten_config({"model": read_harness(path)["config"]["model"]})
+    new = flatten_config({"model": cfg.model.model_dump(mode="json")})
     changed = [f"{k} ({saved.get(k)!r} -> {new.get(k)!r})" for k in new if saved.get(k) != new[k]]
     if changed:
         raise CheckpointError(

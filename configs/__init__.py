@@ -141,6 +141,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> "T
     return validate(data)
 
 
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config's sections as dotted keys (`optim.lr`); `deepspeed.extra` stays one value."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "extra":
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def to_yaml(config: "TrainConfig") -> str:
     """The resolved config as YAML that `load_config` reads back to an equal config."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from common.files import json_safe, write_text_atomic
+from configs import flatten_config
 from configs.schema import TrainConfig
 from data.ngram import loss_floor
 from launch.distributed import DistEnv
@@ -58,6 +60,45 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) else None
+
+
+CONFIG_HISTORY = "config_history.jsonl"
+# Keys that say where or how a run is watched, not what it trains: changing them is no new
+# config (every rerun may move its output or turn wandb on).
+_NOT_RUN_KEYS = ("wandb.", "run.out_dir", "checkpoint.resume", "checkpoint.force_resume")
+
+
+def read_config_history(run_dir: Path) -> list[dict[str, Any]]:
+    """config_history.jsonl: one line per start whose config changed, oldest first; each has
+    the start's `step`, the `changed` keys (old, new), `force_resume` and the whole `config`."""
+    path = Path(run_dir) / CONFIG_HISTORY
+    lines = path.read_text().splitlines() if path.exists() else []
+    history = []
+    for line in lines:
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line of a killed writer
+            continue
+    return history
+
+
+def config_in_force(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The config that trained `step` (the last one started before it), or None for a run made
+    before the history was kept."""
+    earlier = [entry for entry in read_config_history(run_dir) if entry["step"] < step]
+    return earlier[-1]["config"] if earlier else None
+
+
+def changed_config(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, list]:
+    """{dotted key: [old, new]} for each key of the run's config that changed."""
+    if before is None:
+        return {}
+    old, new = flatten_config(before), flatten_config(after)
+    return {
+        key: [old.get(key), new.get(key)]
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not key.startswith(_NOT_RUN_KEYS)
+    }
 
 
 def is_complete(summary: dict[str, Any] | None, cfg: TrainConfig) -> bool:
@@ -118,11 +159,31 @@ class RunRecord:
                     group=wandb_group(cfg),
                 )
             )
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        self.resolved = resolved  # written by `begin`, once the start has succeeded
         self.files = RunFiles(run_dir)
         self.sinks.append(self.files)
         if not (run_dir / "summary.json").exists():  # a summary from the start: its block is
             self.files.summary({**self._empty(), "status": "running", "time": time.time()})
+
+    def begin(self, step: int, force: bool) -> None:
+        """The start succeeded at `step`: write config.yaml (a failed start leaves the record as
+        it was) and, when the config differs from the one in force before, append it to
+        config_history.jsonl with the keys changed, and say so in a `config` event."""
+        if not self.active:
+            return
+        config = self.cfg.model_dump(mode="json")
+        history = read_config_history(self.run_dir)
+        changed = changed_config(history[-1]["config"] if history else None, config)
+        if changed or not history:
+            entry = {"step": step, "changed": changed, "force_resume": force, "config": config}
+            with open(self.run_dir / CONFIG_HISTORY, "a") as f:
+                f.write(json.dumps(json_safe(entry)) + "\n")
+            if history:  # the event names the change; the history keeps the whole config
+                note = {"changed": changed, "force_resume": force}
+                self.event({"step": step, "kind": "config", "time": time.time(), **note})
+        write_text_atomic(
+            self.run_dir / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False)
+        )
 
     def message(self, text: str) -> None:
         if self.active:

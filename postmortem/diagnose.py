@@ -306,9 +306,11 @@ def diagnose(
     first = run_replay(plan.cfg, out, "reproduce", plan.checkpoint, step, event, save_at=save_at)
     replays = [first]
     differ = mismatches(run_dir, plan.index, out / first.name, step)
+    ran = sorted(replay.replayed_values(out / first.name, "loss"))  # the steps it trained
     found: dict[str, Any] = {
         "reproduced": first.blew_up,
-        "exact": not differ,
+        "exact": not differ if step in ran else None,  # no comparison without the step itself
+        "steps_replayed": ran,
         "mismatches": [
             dict(zip(("key", "step", "recorded", "replayed"), m, strict=True)) for m in differ
         ],
@@ -350,9 +352,9 @@ def diagnose(
             earlier.blew_up = judge_blow_up(earlier, out, history, event, plan.cfg)
         cause, confidence, evidence = data_or_state(others, earlier)
     else:
-        cause = "transient" if not differ else "undetermined"
-        confidence = "high" if not differ else "low"
-        evidence = _not_reproduced(found, step)
+        cause = "transient" if found["exact"] else "undetermined"
+        confidence = "high" if found["exact"] else "low"
+        evidence = _not_reproduced(found, step, plan)
         lines = run_lines
     departures = timeline(signal_series(lines), plan.cfg, step)
 
@@ -377,6 +379,7 @@ def diagnose(
         },
         "index": plan.index,
         "checkpoint": str(plan.checkpoint),
+        "checkpoint_note": plan.note,
         "world_size": _world_size(),
         "reproduce": found,
         "cause": cause,
@@ -400,11 +403,19 @@ def diagnose(
     return result
 
 
-def _not_reproduced(found: dict[str, Any], step: int) -> str:
+def _not_reproduced(found: dict[str, Any], step: int, plan: replay.ReplayPlan) -> str:
     at = ", ".join(
         f"{key} recorded {v['recorded']!r}, replayed {v['replayed']!r}"
         for key, v in found["at_detection"].items()
     )
+    if found["exact"] is None:
+        ran = found["steps_replayed"]
+        trained = f"steps {ran[0]}-{ran[-1]}" if ran else "no step"
+        return (
+            f"undetermined, because the replay from {plan.checkpoint.name} trained {trained} "
+            f"and never reached the detection at step {step} (its config ends at step "
+            f"{plan.cfg.train.max_steps}), so nothing was compared"
+        )
     if found["exact"]:
         return (
             f"replayed with the same batches the detection did not recur, and the replay was "

@@ -7,7 +7,9 @@
 K counts the detections in `RUN_DIR/events.jsonl` (the events that have a `metric`), in file
 order; negative K counts from the end. The replay restores the newest checkpoint taken before
 the detection's step and trains from it up to and including that step, through `trainer.run`
-with the checkpoint's own config and these changes: `train.log_interval=1` and logit telemetry
+with the config that trained that step (the run's config_history.jsonl: a resume with a new
+lr or a larger `train.max_steps` replays as it ran; a run older than the history, the
+checkpoint's own config) and these changes: `train.log_interval=1` and logit telemetry
 (attention logits, log Z) plus per-block norms at every step; the `record` policy (a `skip`
 run keeps `skip`, since its withheld updates are part of the trajectory); no checkpoints; no
 wandb. The learning rate still follows the run's `train.max_steps`. Everything goes to
@@ -31,9 +33,11 @@ from typing import Any
 
 import trainer
 from checkpoint.config import CheckpointConfig
+from checkpoint.layout import KEEP_FILE, step_of
 from checkpoint.manager import Checkpointer, CheckpointError, read_harness
 from configs import ConfigError, validate
 from configs.schema import TrainConfig
+from monitor.run_record import read_config_history
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class ReplayPlan:
     checkpoint: Path
     stop_step: int
     cfg: TrainConfig
+    note: str | None = None  # how the checkpoint was chosen, when it is not the pinned one
 
     @property
     def out_dir(self) -> Path:
@@ -98,7 +103,7 @@ def plan(run_dir: str | Path, index: int) -> ReplayPlan:
             "saved after the rollback (a smaller checkpoint.interval)"
         )
 
-    data = read_harness(ckpt)["config"]  # the config the checkpoint was made with
+    data, note = _config_for(run_dir, step, ckpt)
     policy = data["divergence"]["policy"]
     changes = {
         ("run", "out_dir"): str(run_dir),
@@ -110,13 +115,38 @@ def plan(run_dir: str | Path, index: int) -> ReplayPlan:
         ("divergence", "enabled"): True,
         ("divergence", "policy"): "skip" if policy == "skip" else "record",
         ("checkpoint", "resume"): str(ckpt),
+        ("checkpoint", "force_resume"): True,  # the config in force may differ from ckpt's
         ("checkpoint", "interval"): 0,
         ("wandb", "mode"): "disabled",
     }
     for (section, key), value in changes.items():
         data.setdefault(section, {})[key] = value
     cfg = validate(data)
-    return ReplayPlan(index, event, ckpt, min(step, cfg.train.max_steps), cfg)
+    return ReplayPlan(index, event, ckpt, min(step, cfg.train.max_steps), cfg, note)
+
+
+def _config_for(run_dir: Path, step: int, ckpt: Path) -> tuple[dict[str, Any], str | None]:
+    """The config that trained `step` (the run's history, so a resume with a new lr or a larger
+    `train.max_steps` replays as it ran), and a note when the checkpoint is not the one the
+    run pinned for this detection. A run older than the history: the checkpoint's config."""
+    pinned = any(
+        f"detection at step {step}" in (path / KEEP_FILE).read_text()
+        for path in Checkpointer(run_dir, CheckpointConfig(), 0, 1).published()
+        if (path / KEEP_FILE).is_file()
+    )
+    note = None if pinned else f"no checkpoint was kept for this detection; {ckpt.name} is used"
+    history = read_config_history(run_dir)
+    in_force = [entry for entry in history if entry["step"] < step]
+    if not in_force:
+        return read_harness(ckpt)["config"], note
+    start = in_force[-1]["step"]
+    if step_of(ckpt) < start:
+        raise ValueError(
+            f"the newest checkpoint before step {step} ({ckpt.name}) is older than the config "
+            f"change at step {start}: a replay from it would cross that change (keep more "
+            "checkpoints, checkpoint.keep_last)"
+        )
+    return in_force[-1]["config"], note
 
 
 def replay(run_dir: str | Path, index: int) -> ReplayPlan:

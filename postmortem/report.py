@@ -94,13 +94,15 @@ def markdown(result: dict[str, Any], figure: Path | None) -> str:
         f"at step {detected}\n",
         f"{result['summary']}\n",
         f"Run: `{result['run_dir']}`, {result['world_size']} rank(s); replays from "
-        f"`{result['checkpoint']}`. Detection: {e['metric']} = {_fmt(e['value'])} "
+        f"`{result['checkpoint']}`"
+        + (f" ({result['checkpoint_note']})" if result.get("checkpoint_note") else "")
+        + f". Detection: {e['metric']} = {_fmt(e['value'])} "
         f"(threshold {_fmt(e['threshold'])}): {e['detail']}\n",
         "## 1. Reproducible or transient\n",
         "Replayed with the same batches, the detection "
         + ("recurred" if r["reproduced"] else "did not recur")
         + "; the replay was "
-        + ("exact (losses and grad norms equal bitwise)." if r["exact"] else "not exact:")
+        + _exactness(r["exact"])
         + "\n",
     ]
     if r["mismatches"]:
@@ -165,6 +167,14 @@ def markdown(result: dict[str, Any], figure: Path | None) -> str:
         f"{c['minutes']:.2f} minutes.\n"
     )
     return "\n".join(sections)
+
+
+def _exactness(exact: bool | None) -> str:
+    """How the replay compared with the run: bitwise, not, or not at all (it never reached the
+    detection's step, so it compared nothing)."""
+    if exact is None:
+        return "never compared: it did not reach the detection's step."
+    return "exact (losses and grad norms equal bitwise)." if exact else "not exact:"
 
 
 def summary_text(result: dict[str, Any]) -> str:

@@ -237,8 +237,13 @@ class Trainer:
         self.watch.load_state_dict(state["monitor"], keep_counts=rollback)
 
     def start(self, resume_from: list[Path], init_from: Path | None) -> None:
-        """Resume the newest checkpoint that loads (a damaged one is skipped with a warning),
-        or start from another run's weights, or afresh; a new run saves its first good state."""
+        """Resume the newest checkpoint that loads (a damaged one is set aside with a warning),
+        or start from another run's weights, or afresh (a new run saves its first good state);
+        then the record takes this start's config (`RunRecord.begin`)."""
+        self._start(resume_from, init_from)
+        self.record.begin(self.step, self.cfg.checkpoint.force_resume)
+
+    def _start(self, resume_from: list[Path], init_from: Path | None) -> None:
         if resume_from:
             resume_path, state = self.ckpt.resume(self.engine, resume_from)
             self.adopt(state)

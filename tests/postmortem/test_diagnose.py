@@ -229,3 +229,39 @@ def test_automatic_diagnosis_that_fails_is_recorded_and_the_run_keeps_its_status
     assert last["error"].startswith("FileExistsError")
     assert runs.summary(run_dir)["status"] == "diverged"
     assert "warning: the diagnosis of" in capsys.readouterr().err
+
+
+def test_a_resume_with_a_new_lr_is_replayed_with_it_and_a_replay_of_nothing_is_undetermined(
+    tmp_path, corpus
+):
+    """issue 23: 20 healthy steps to the end of a 20-step run, checkpoints every 5; then the same
+    run resumed at lr 3 with a larger `train.max_steps` (force_resume), stopped at a detection.
+    The replay used to start from step 20's checkpoint with that checkpoint's config (20 steps,
+    lr 1e-3): it ran no step, and the diagnosis called the comparison of nothing exact and the
+    detection transient with high confidence. Now it replays with the config in force."""
+    run_dir = tmp_path / "resumed"
+    healthy = {"optim.lr": 1e-3, "checkpoint.interval": 5, "train.max_steps": 20}
+    healthy.update({k: v for k, v in runs.LR_BLOW_UP.items() if k != "optim.lr"})
+    runs.run(run_dir, corpus, **healthy)
+    summary = runs.run(run_dir, corpus, **{**runs.blow_up_overrides(5), "train.max_steps": 40})
+    first = runs.detections(run_dir)[0]["step"]
+    assert summary["status"] == "diverged" and 20 < first < 40
+    (change,) = runs.events(run_dir, "config")
+    assert change["step"] == 20 and change["changed"]["optim.lr"] == [1e-3, 3]
+    assert change["changed"]["train.max_steps"] == [20, 40] and change["force_resume"]
+
+    result = diagnose.diagnose(run_dir)
+    found = result["reproduce"]
+    assert found["steps_replayed"] == list(range(21, first + 1))
+    assert found["exact"] and found["reproduced"] and result["cause"] == "state"
+    assert result["checkpoint_note"] is None  # step 20: the one kept for this detection
+    (run_dir / "checkpoints" / "step_00000020" / "KEEP").unlink()  # as if it had gone
+    note = diagnose.replay.plan(run_dir, 0).note
+    assert note == "no checkpoint was kept for this detection; step_00000020 is used"
+
+    (run_dir / "config_history.jsonl").unlink()  # as a run made before the history was kept
+    result = diagnose.diagnose(run_dir)
+    assert result["reproduce"]["exact"] is None and result["reproduce"]["steps_replayed"] == []
+    assert (result["cause"], result["confidence"]) == ("undetermined", "low")
+    assert result["cause_evidence"].startswith("undetermined, because the replay from step_")
+    assert "never compared" in (run_dir / "diagnosis-0" / "report.md").read_text()

@@ -89,10 +89,17 @@ def test_stream_is_deterministic_and_extends(builtin_corpus: Path, tmp_path: Pat
     assert rate["nats"] < window_floor(meta, 128) < rate["nats"] + 0.1
 
 
-def test_loader_resumes_over_the_stream(builtin_corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "repeats",
+    [{}, {"repeat_fraction": 0.3, "repeat_window": 16, "chain_tokens": 512}],  # windows fit
+    ids=["plain", "repeats"],
+)
+def test_loader_resumes_over_the_stream(
+    builtin_corpus: Path, tmp_path: Path, repeats: dict[str, float]
+) -> None:
     out = prepare_ngram(
         tmp_path / "s", num_tokens=20000, val_tokens=1000, vocab_size=512,
-        data_dir=builtin_corpus.parent, **SMALL,
+        data_dir=builtin_corpus.parent, **{**SMALL, **repeats},
     )  # fmt: skip
     kwargs = dict(block_size=16, micro_batch_size=4, seed=5, vocab_size=512)
     straight = BatchLoader(out / "train.bin", **kwargs)

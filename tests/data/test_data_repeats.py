@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.loader import BatchLoader
 from data.ngram import NgramModel, prepare_ngram, window_floor
 from data.prepare import main
 from data.repeats import RepeatSpec, sample_with_repeats, window_nll
@@ -86,24 +85,6 @@ def test_stream_with_repeats_is_deterministic_and_has_its_floor(
     # a copied token after a span's first is nearly free: about a third of the tokens
     assert 0.5 * no_repeats < floor < 0.85 * no_repeats
     assert window_floor(meta, 128) is None  # made for windows of 64 only
-
-
-def test_loader_resumes_over_the_stream_with_repeats(builtin_corpus: Path, tmp_path: Path) -> None:
-    out = prepare_ngram(
-        tmp_path / "s", num_tokens=20000, val_tokens=1000, vocab_size=512,
-        data_dir=builtin_corpus.parent, repeat_fraction=0.3, repeat_window=16, **SMALL,
-    )  # fmt: skip
-    kwargs = dict(block_size=16, micro_batch_size=4, seed=5, vocab_size=512)
-    straight = BatchLoader(out / "train.bin", **kwargs)
-    expected = [straight.next_step() for _ in range(12)]
-    first = BatchLoader(out / "train.bin", **kwargs)
-    for _ in range(7):
-        first.next_step()
-    resumed = BatchLoader(out / "train.bin", **kwargs)
-    resumed.load_state_dict(first.state_dict())
-    for step in expected[7:]:
-        ((x, y),) = resumed.next_step()
-        assert np.array_equal(x, step[0][0]) and np.array_equal(y, step[0][1])
 
 
 def test_repeat_arguments_are_one_line_errors(

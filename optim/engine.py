@@ -10,6 +10,7 @@ Reading those two numbers is the one host sync per step that the harness makes.
 """
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from configs import ConfigError
 from configs.schema import TrainConfig
 from model.tensor_core import emulate_tensor_cores
+from optim.config import OptimConfig
 from optim.forms import FORMS, FormAdam
 from optim.groups import param_groups
 from optim.l2 import add_l2_loss_grad
@@ -82,13 +84,47 @@ def _merge_extra(config: dict[str, Any], extra: dict[str, Any], where: str) -> N
             config[key] = value
 
 
+def adam_choice(o: OptimConfig, device_type: str) -> tuple[type, dict[str, Any]]:
+    """The Adam class and its kernel option for adamw, adam_l2 and adamw_indep on a device.
+
+    torch's own AdamW (decoupled forms) or Adam (adam_l2): `foreach` on a CPU, bitwise what
+    torch users get; `fused` on CUDA, which ships in torch's wheel and needs no build. DeepSpeed's
+    FusedAdam only when `optim.fused_adam=deepspeed` asks for it: DeepSpeed on PyPI ships its
+    source, so the first use JIT-compiles the op (nvcc matching torch's CUDA, ninja, g++, one
+    lock in ~/.cache/torch_extensions for every rank). If that build fails, torch's fused path
+    runs instead, after one warning line.
+    """
+    torch_cls = torch.optim.AdamW if o.decoupled else torch.optim.Adam
+    if device_type != "cuda":
+        return torch_cls, {"foreach": True}
+    if o.fused_adam == "deepspeed":
+        try:
+            return load_fused_adam(), {"adam_w_mode": o.decoupled}
+        except Exception as err:  # a missing toolkit fails in many ways; all mean "no op"
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            print(
+                f"warning: DeepSpeed's FusedAdam did not build ({reason}); using torch's "
+                f"fused {torch_cls.__name__} (optim.fused_adam=torch avoids the build)",
+                file=sys.stderr,
+            )
+    return torch_cls, {"fused": True}
+
+
+def load_fused_adam() -> type:
+    """DeepSpeed's FusedAdam class, with its CUDA op built (or loaded from the build cache)."""
+    from deepspeed.ops.adam import FusedAdam
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+
+    FusedAdamBuilder().load()
+    return FusedAdam
+
+
 def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device):
-    """The optimizer of `optim.name`, gated; DeepSpeed's FusedAdam on GPU for the torch forms.
+    """The optimizer of `optim.name`, gated (`adam_choice` picks the Adam of the torch forms).
     With `optim.l2_form=loss` Adam's own weight decay is 0 (the caller hooks the L2 gradient).
 
-    adamw, adamw_indep, adam_l2: on the CPU torch's own AdamW/Adam (no kernel build, and bitwise
-    what torch users get). adamw_indep is AdamW with wd / lr_max: its per-step shrink
-    lr_t * wd / lr_max is the paper's schedule multiplier times wd. adamp, adam_spd: `FormAdam`.
+    adamw_indep is AdamW with wd / lr_max: its per-step shrink lr_t * wd / lr_max is the
+    paper's schedule multiplier times wd. adamp, adam_spd: `FormAdam`.
     """
     o = cfg.optim
     if o.name in FORMS:
@@ -96,13 +132,7 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torc
         kwargs = dict(form=o.name, delta=o.adamp_delta, wd_ratio=o.adamp_wd_ratio)
     else:
         groups = [{**g, "weight_decay": o.torch_weight_decay(g["weight_decay"])} for g in groups]
-        if device.type == "cuda":
-            from deepspeed.ops.adam import FusedAdam
-
-            base, kwargs = FusedAdam, {"adam_w_mode": o.decoupled}
-        else:
-            base = torch.optim.AdamW if o.decoupled else torch.optim.Adam
-            kwargs = {"foreach": True}
+        base, kwargs = adam_choice(o, device.type)
     kwargs.update(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     gated_cls = type(f"Gated{base.__name__}", (_GatedStep, base), {})
     return gated_cls(groups, **kwargs)
@@ -207,8 +237,8 @@ def initialize(
     import deepspeed
     from deepspeed.utils import logger
 
-    # DeepSpeed warns about any client optimizer under ZeRO ("untested"); ours is the torch or
-    # FusedAdam step behind a gate, checked against torch on every stage in tests/optim.
+    # DeepSpeed warns about any client optimizer under ZeRO ("untested"); ours is torch's Adam
+    # (or FusedAdam) step behind a gate, checked against torch on every stage in tests/optim.
     logger.setLevel("ERROR")
     groups = param_groups(model, cfg.optim.weight_decay)
     add_l2_loss_grad(groups[0]["params"], cfg)

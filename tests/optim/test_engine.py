@@ -7,7 +7,15 @@ import torch
 
 from configs import ConfigError, load_config
 from model import GPT
-from optim.engine import UpdateGate, deepspeed_config, initialize, set_lr
+from optim import engine as engine_module
+from optim.engine import (
+    UpdateGate,
+    adam_choice,
+    build_optimizer,
+    deepspeed_config,
+    initialize,
+    set_lr,
+)
 from optim.groups import param_groups
 from tests.helpers import tiny_overrides
 
@@ -216,3 +224,62 @@ def test_deepspeed_config_is_explicit_and_extra_keys_checked():
     assert deepspeed_config(cfg, 1)["zero_optimization"]["reduce_bucket_size"] == 1000
     cfg = load_config(None, tiny_overrides(zero_stage=0))
     assert deepspeed_config(cfg, 1)["gradient_clipping"] == 0.0  # the gate clips on ZeRO 0
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam_l2", "adamw_indep"])
+def test_adam_choice_torch_by_default_fused_adam_when_asked(name, monkeypatch):
+    """CPU: torch's foreach path (as before); CUDA: torch's fused kernel, no build; DeepSpeed's
+    FusedAdam only with optim.fused_adam=deepspeed, in the same decay mode."""
+    o = load_config(None, [f"optim.name={name}"]).optim
+    torch_cls = torch.optim.Adam if name == "adam_l2" else torch.optim.AdamW
+    assert adam_choice(o, "cpu") == (torch_cls, {"foreach": True})
+    assert adam_choice(o, "cuda") == (torch_cls, {"fused": True})
+
+    class FakeFusedAdam:
+        pass
+
+    monkeypatch.setattr(engine_module, "load_fused_adam", lambda: FakeFusedAdam)
+    asked = load_config(None, [f"optim.name={name}", "optim.fused_adam=deepspeed"]).optim
+    assert adam_choice(asked, "cuda") == (FakeFusedAdam, {"adam_w_mode": name != "adam_l2"})
+    assert adam_choice(asked, "cpu") == (torch_cls, {"foreach": True})
+
+
+def test_fused_adam_choice_is_validated():
+    with pytest.raises(ConfigError, match="optim.fused_adam.*'torch' or 'deepspeed'"):
+        load_config(None, ["optim.fused_adam=apex"])
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam_l2", "adamw_indep"])
+def test_fused_adam_build_failure_falls_back_to_torch(name, monkeypatch, capsys):
+    """A FusedAdam build that fails (no nvcc, say) costs one warning line, and the update is
+    torch's fused one, the same as optim.fused_adam=torch's to the bit. (A CPU runs torch's
+    fused kernel here; CUDA params are not needed to build or step it.)"""
+
+    def no_toolkit():
+        raise RuntimeError("Error building extension 'fused_adam'\nnvcc not found")
+
+    monkeypatch.setattr(engine_module, "load_fused_adam", no_toolkit)
+    overrides = tiny_overrides(**{"optim.name": name, "optim.weight_decay": 0.3})
+    updated = {}
+    for choice in ("deepspeed", "torch"):
+        cfg = load_config(None, [*overrides, f"optim.fused_adam={choice}"])
+        torch.manual_seed(0)
+        model = GPT(cfg.model)
+        optimizer = build_optimizer(
+            param_groups(model, cfg.optim.weight_decay), cfg, torch.device("cuda")
+        )
+        x, y = batches(1)[0]
+        model(x, y).loss.backward()
+        optimizer.step()
+        updated[choice] = [p.detach().clone() for p in model.parameters()]
+        warned = capsys.readouterr().err.splitlines()
+        if choice == "deepspeed":
+            adam = "Adam" if name == "adam_l2" else "AdamW"
+            assert warned == [
+                "warning: DeepSpeed's FusedAdam did not build (RuntimeError: Error building "
+                f"extension 'fused_adam'); using torch's fused {adam} "
+                "(optim.fused_adam=torch avoids the build)"
+            ]
+        else:
+            assert warned == []
+    assert all(map(torch.equal, updated["deepspeed"], updated["torch"]))

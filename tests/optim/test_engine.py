@@ -214,6 +214,9 @@ def test_deepspeed_config_is_explicit_and_extra_keys_checked():
     assert ds["gradient_clipping"] == cfg.optim.grad_clip
     assert ds["zero_optimization"] == {"stage": 2}
     assert ds["torch_autocast"]["enabled"] is False
+    # no device syncs of DeepSpeed's own timers at every forward and step
+    assert ds["timers"] == {"throughput": {"enabled": False}}
+    assert ds["wall_clock_breakdown"] is False
     cfg = load_config(None, tiny_overrides(**{"deepspeed.extra": {"gradient_clipping": 2.0}}))
     with pytest.raises(ConfigError, match="gradient_clipping"):
         deepspeed_config(cfg, 1)

@@ -26,7 +26,7 @@ from configs import load_config
 from configs.schema import TrainConfig
 from launch.distributed import init_distributed
 from model import GPT
-from monitor.perf import mfu, peak_flops
+from monitor.perf import math_mode, mfu, peak_flops, set_tf32
 from monitor.telemetry import Telemetry
 from optim.engine import UpdateGate, initialize, set_lr
 from optim.groups import param_groups
@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
     env = init_distributed(cfg.run.device)
     device = env.device
     if device.type == "cuda" and cfg.precision == "fp32":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        set_tf32(cfg.tf32)
     gen = torch.Generator().manual_seed(0)
     shape = (cfg.train.micro_batch_size, cfg.model.block_size)
     vocab = cfg.model.vocab_size
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
 
     with torch.device("meta"):  # the count only: no memory, no init
         flops_per_token = GPT(cfg.model).flops_per_token()
-    peak = peak_flops(device)
+    peak = peak_flops(device, math_mode(cfg))
     m = cfg.model
     print(
         f"bench.engine: torch {torch.__version__}, {platform.machine()}, "

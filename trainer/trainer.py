@@ -29,7 +29,7 @@ from data.loader import BatchLoader, resolve_dataset, validation_batches
 from launch.distributed import DistEnv, init_distributed
 from model import GPT
 from monitor.divergence import DivergenceWatch
-from monitor.perf import Throughput
+from monitor.perf import Throughput, math_mode, set_tf32
 from monitor.policy import Action
 from monitor.run_record import RunRecord, is_complete, read_summary
 from monitor.sharpness import SharpnessProbe
@@ -120,7 +120,7 @@ class Trainer:
         """Model and engine: every rank builds the same initial weights from the run seed."""
         cfg, env = self.cfg, self.env
         if cfg.tf32 and env.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            set_tf32(True)
         torch.manual_seed(cfg.run.seed)
         model = GPT(cfg.model)
         self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token()
@@ -243,7 +243,11 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """The loop: one iteration is one optimizer update over the global batch."""
         self.meter = Throughput(
-            self.tokens_per_step, self.flops_per_token, self.env, start_step=self.step
+            self.tokens_per_step,
+            self.flops_per_token,
+            self.env,
+            start_step=self.step,
+            mode=math_mode(self.cfg),
         )
         status = "completed"
         while self.step < self.end_step:

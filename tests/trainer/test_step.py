@@ -1,0 +1,109 @@
+"""Host syncs of one training step: every tensor-to-host read of `trainer.step.train_step` on
+the real engine and gate, counted by who makes it."""
+
+import collections
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import deepspeed
+import pytest
+import torch
+
+from configs import load_config
+from model import GPT
+from monitor.telemetry import Telemetry
+from optim import engine as engine_module
+from optim.engine import UpdateGate, initialize
+from tests.helpers import ROOT, tiny_overrides
+from trainer.step import train_step
+
+# What reads a tensor's value into Python. On a GPU each waits for the device to finish.
+READS = ("item", "tolist", "__float__", "__bool__", "__int__", "__index__", "cpu", "numpy")
+DEEPSPEED = Path(deepspeed.__file__).parent
+TORCH_OPTIM = Path(torch.optim.__file__).parent
+
+
+def _owner(stack: traceback.StackSummary) -> tuple[str, str] | None:
+    """Who made a read: the innermost frame in DeepSpeed, torch.optim or the harness."""
+    for frame in reversed(stack[:-1]):  # the last frame is the counting shim itself
+        path = Path(frame.filename)
+        for owner, root in (("deepspeed", DEEPSPEED), ("torch", TORCH_OPTIM), ("harness", ROOT)):
+            if path.is_relative_to(root):
+                return owner, f"{path.relative_to(root)}:{frame.lineno} {frame.name}"
+    return None
+
+
+@contextmanager
+def counted_reads() -> Iterator[collections.Counter]:
+    """Count every host read of a tensor by (owner, method, where) while the block runs."""
+    counts: collections.Counter = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def shim(name):
+        def read(self, *args, **kwargs):
+            owner = _owner(traceback.extract_stack())
+            if owner is not None:
+                counts[owner[0], name, owner[1]] += 1
+            return originals[name](self, *args, **kwargs)
+
+        return read
+
+    for name in READS:
+        setattr(torch.Tensor, name, shim(name))
+    try:
+        yield counts
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_a_non_log_step_makes_one_host_sync_of_its_own(dist_env, monkeypatch, stage, accum):
+    """The harness's own reads on a non-log step: 1, the gate's (the step's loss and grad norm
+    in one `tolist`), for any number of micro-batches.
+
+    The optimizer is built as on a GPU (torch's fused Adam: its step counters stay on the
+    device, so torch.optim reads none; the CPU's `foreach` path reads each CPU-resident
+    counter, which is no device sync). What DeepSpeed reads, on ZeRO 1 and 2 (none on ZeRO 0):
+    - `is_invalid_grad_norm(scaled_global_grad_norm)` in `DeepSpeedZeroOptimizer.step`: its
+      overflow check, made when the optimizer's dtype is not bf16 (ours is fp32 master weights);
+    - `is_invalid_grad_norm(clip_norm)` in `unscale_and_clip_grads`, once per parameter group
+      (2), when `gradient_clipping` > 0.
+    ZeRO 0 on one rank avoids all three (the gate clips there). Not counted here, on a GPU only:
+    the loader's blocking host-to-device copies (one per micro-batch input and target) and
+    DeepSpeed's throughput timer's `cuda.synchronize()` per forward and step, which the
+    generated config turns off.
+    """
+    real_choice = engine_module.adam_choice
+    monkeypatch.setattr(engine_module, "adam_choice", lambda o, device: real_choice(o, "cuda"))
+    cfg = load_config(None, tiny_overrides(zero_stage=stage, **{"train.grad_accum_steps": accum}))
+    torch.manual_seed(cfg.run.seed)
+    engine, optimizer = initialize(GPT(cfg.model), cfg, 1, dist_env.device)
+    gate = UpdateGate(engine, optimizer, cfg)
+    telemetry = Telemetry(engine.module, cfg.optim.grad_clip)
+    gen = torch.Generator().manual_seed(0)
+
+    def batches():
+        shape = (2 * accum, cfg.train.micro_batch_size, cfg.model.block_size)
+        tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
+        return list(zip(tokens[::2], tokens[1::2], strict=True))
+
+    train_step(engine, gate, telemetry, batches(), 1, log_step=False)  # first-step set-up
+    step_batches = batches()
+    with counted_reads() as counts:
+        scalars, _ = train_step(engine, gate, telemetry, step_batches, 2, log_step=False)
+    assert scalars.applied
+    print(f"\nhost reads of a non-log step, ZeRO {stage}, {accum} micro-batch(es):")
+    for (owner, name, where), n in sorted(counts.items()):
+        print(f"  {owner:<9} {n:>3}  {name:<9} {where}")
+    by_owner = collections.Counter()
+    for (owner, _, _), n in counts.items():
+        by_owner[owner] += n
+    assert by_owner["harness"] == 1
+    harness = [(name, where.split()[-1]) for owner, name, where in counts if owner == "harness"]
+    assert harness == [("tolist", "_decide")]  # the gate's read: the step's loss and grad norm
+    assert by_owner["torch"] == 0
+    assert by_owner["deepspeed"] == (0 if stage == 0 else 3)

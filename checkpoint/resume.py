@@ -147,6 +147,15 @@ def select_init(cfg: TrainConfig, resume_from: list[Path]) -> Path | None:
     return path
 
 
+def optimizer_state_fits(saved: HarnessState, zero_stage: int) -> bool:
+    """Whether a run at `zero_stage`, on any number of ranks, can take the optimizer state of a
+    checkpoint with harness state `saved`: saved as it is, or through DeepSpeed's universal form
+    (ZeRO 1-3 to ZeRO 1-3). ZeRO 0 keeps it whole and ZeRO 1-3 in rank partitions, and neither
+    reads the other's, so between ZeRO 0 and another stage only the weights can go."""
+    old = saved["zero_stage"]
+    return old == zero_stage or (old > 0 and zero_stage > 0)
+
+
 def check_compatible(state: HarnessState, cfg: TrainConfig, world_size: int, path: Path) -> None:
     """Refuse a resume whose config would silently make another run (unless forced)."""
     changed = changed_keys({**state["config"], "world_size": state["world_size"]}, cfg, world_size)

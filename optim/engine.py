@@ -138,7 +138,22 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torc
         base, kwargs = adam_choice(o, device.type)
     kwargs.update(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     gated_cls = type(f"Gated{base.__name__}", (_GatedStep, base), {})
-    return gated_cls(groups, **kwargs)
+    optimizer = gated_cls(groups, **kwargs)
+    if issubclass(base, torch.optim.Adam | torch.optim.AdamW):
+        optimizer.register_load_state_dict_pre_hook(_step_per_param)
+    return optimizer
+
+
+def _step_per_param(optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Let torch's Adam load FusedAdam's state (a GPU run's checkpoint replayed on a CPU, say):
+    FusedAdam counts steps in each param group, torch's Adam in each parameter's state, and
+    raises KeyError 'step' on a state without one. The group's count fills it in."""
+    for group in state_dict["param_groups"]:
+        for index in group["params"]:
+            state = state_dict["state"].get(index, {})
+            if "exp_avg" in state and "step" not in state and "step" in group:
+                state["step"] = torch.tensor(float(group["step"]))
+    return state_dict
 
 
 class _GatedStep:

@@ -22,7 +22,7 @@ from checkpoint.manager import (
     step_of,
 )
 from checkpoint.preemption import PreemptionFlag
-from checkpoint.resume import resume_reason, select_init, select_resume
+from checkpoint.resume import optimizer_state_fits, resume_reason, select_init, select_resume
 from configs.schema import TrainConfig
 from data.dataset import DataError
 from data.loader import BatchLoader, resolve_dataset, validation_batches
@@ -220,8 +220,17 @@ class Trainer:
         self.ckpt.save(self.engine, self.harness_state())  # the first "last good" checkpoint
 
     def _init_from(self, path: Path) -> None:
-        """Weights and optimizer state of another run; step and monitors anew."""
-        source = self.ckpt.load(self.engine, path, rng=False)
+        """Weights and optimizer state of another run (the weights alone where the optimizer
+        state cannot cross from its ZeRO stage to ours); step and monitors anew."""
+        saved = read_harness(path)
+        fits = optimizer_state_fits(saved, self.cfg.zero_stage)
+        if not fits:
+            self.record.message(
+                f"checkpoint.init_from: {path} was saved on ZeRO {saved['zero_stage']}, whose "
+                f"optimizer state ZeRO {self.cfg.zero_stage} cannot read: its weights only, "
+                "with a fresh optimizer"
+            )
+        source = self.ckpt.load(self.engine, path, rng=False, weights_only=not fits)
         mark_start(self.optimizer)  # adam_spd's theta_0: these weights
         try:  # the same data, batch and seed: go on to data the source run has not seen
             self.loader.load_state_dict(source["loader"])
@@ -235,6 +244,7 @@ class Trainer:
                 from_step=source["step"],
                 from_tokens=source["tokens"],
                 data_position=self.loader.position,
+                optimizer_state="loaded" if fits else "fresh",
             )
         )
 

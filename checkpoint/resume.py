@@ -49,6 +49,42 @@ def changed_keys(saved: dict[str, Any], cfg: TrainConfig, world_size: int) -> li
     return changed
 
 
+def choose_zero_stage(
+    cfg: TrainConfig, world_size: int, ckpt: Checkpointer
+) -> tuple[TrainConfig, str]:
+    """The run's ZeRO stage where the user set none (on the command line or in the config
+    file): the stage of the checkpoint it resumes (a run keeps its stage), else ZeRO 0 on one
+    rank, else the schema's default. Returns the config and a note for the start-up line.
+
+    On one rank ZeRO 1 is pure overhead (a second fp32 copy, bucket copies, a one-rank
+    all-reduce, three host syncs per step), and the update gate clips under ZeRO 0.
+    """
+    if "zero_stage" in cfg.model_fields_set:
+        return cfg, ""
+    saved = _resumed_stage(cfg, ckpt)
+    if saved is not None:
+        stage, note = saved, "as the checkpoint it resumes"
+    elif world_size == 1:
+        stage, note = 0, "chosen for one rank"
+    else:
+        return cfg, ""
+    note = f" ({note}; set zero_stage to choose)"
+    return cfg.model_copy(update={"zero_stage": stage}), note
+
+
+def _resumed_stage(cfg: TrainConfig, ckpt: Checkpointer) -> int | None:
+    """The ZeRO stage of the checkpoint a resume would load first; None for a fresh start
+    (an unreadable one is left to `select_resume` to report)."""
+    mode = cfg.checkpoint.resume
+    paths = [] if mode == "never" else ckpt.candidates() if mode == "auto" else [Path(mode)]
+    for path in paths:
+        try:
+            return read_harness(path)["zero_stage"]
+        except CheckpointError:
+            continue
+    return None
+
+
 def select_resume(ckpt: Checkpointer, cfg: TrainConfig, world_size: int) -> list[Path]:
     """The checkpoints to try, best first; empty for a fresh start.
 

@@ -76,7 +76,11 @@ class TrainConfig(Section):
         "(model/tensor_core.py)",
     )
     tf32: bool = Field(False, description="TF32 matmuls in fp32 (GPU only)")
-    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        1,
+        description="DeepSpeed ZeRO stage; left unset: 0 on one rank (a resume keeps the "
+        "checkpoint's stage)",
+    )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

@@ -75,6 +75,9 @@ def test_tiny_run_writes_the_run_directory(tmp_path):
 
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["model"]["n_embd"] == 32 and resolved["train"]["max_steps"] == STEPS
+    # no zero_stage in the file or the overrides: one rank runs ZeRO 0, and says why
+    assert "ZeRO 0 (chosen for one rank; set zero_stage to choose)" in proc.stdout
+    assert resolved["zero_stage"] == 0
     meta = resolved["meta"]
     assert set(meta) >= {"torch", "deepspeed", "git_commit", "world_size"}
     assert meta["world_size"] == 1 and meta["torch"].startswith("2.")

@@ -22,7 +22,13 @@ from checkpoint.manager import (
     step_of,
 )
 from checkpoint.preemption import PreemptionFlag
-from checkpoint.resume import optimizer_state_fits, resume_reason, select_init, select_resume
+from checkpoint.resume import (
+    choose_zero_stage,
+    optimizer_state_fits,
+    resume_reason,
+    select_init,
+    select_resume,
+)
 from configs.schema import TrainConfig
 from data.dataset import DataError
 from data.loader import BatchLoader, resolve_dataset, validation_batches
@@ -53,6 +59,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = Checkpointer(run_dir, cfg.checkpoint, env.rank, env.world_size)
+    cfg, zero_note = choose_zero_stage(cfg, env.world_size, ckpt)
     resume_from = select_resume(ckpt, cfg, env.world_size)  # best first; [] starts afresh
     previous = read_summary(run_dir) if resume_from else None
     if stop_step is None and is_complete(previous, cfg):
@@ -64,7 +71,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     record = RunRecord(run_dir, cfg, env, data_dir, previous)
     try:
         universal = loads_universal(cfg, env, resume_from, init_from)
-        trainer = Trainer(cfg, env, ckpt, record, data_dir, universal, stop_step)
+        trainer = Trainer(cfg, env, ckpt, record, data_dir, universal, stop_step, zero_note)
         trainer.start(resume_from, init_from)
         return trainer.train()
     except BaseException as err:
@@ -100,10 +107,13 @@ class Trainer:
         data_dir: Path,
         universal: bool = False,
         stop_step: int | None = None,
+        zero_note: str = "",
     ) -> None:
         """Build the run's parts; `universal`: the checkpoint to start from is loaded in
-        DeepSpeed's universal form (`loads_universal`)."""
+        DeepSpeed's universal form (`loads_universal`); `zero_note`: why this ZeRO stage, for
+        the start-up line (`choose_zero_stage`)."""
         self.cfg, self.env, self.ckpt, self.record = cfg, env, ckpt, record
+        self.zero_note = zero_note
         self.universal = universal
         self.step, self.tokens = 0, 0
         last = cfg.train.max_steps
@@ -155,7 +165,7 @@ class Trainer:
             f"{self.num_params / 1e6:.2f}M parameters, {self.tokens_per_step:,} tokens per step "
             f"({cfg.train.micro_batch_size} x {cfg.model.block_size} x "
             f"{cfg.train.grad_accum_steps} accumulation x {env.world_size} ranks), "
-            f"ZeRO {cfg.zero_stage}, {cfg.precision}, "
+            f"ZeRO {cfg.zero_stage}{self.zero_note}, {cfg.precision}, "
             f"{cfg.optim.name} wd={cfg.optim.weight_decay}"
         )
 

@@ -375,3 +375,29 @@ def test_optimizer_state_crosses_between_zero_1_to_3_only(saved_stage, stage, fi
     from checkpoint.resume import optimizer_state_fits
 
     assert optimizer_state_fits({**state(2), "zero_stage": saved_stage}, stage) == fits
+
+
+def test_zero_stage_unset_is_zero_on_one_rank_and_the_resumed_stage_on_resume(tmp_path):
+    """Set in the config file or on the command line, the stage is the user's; unset, one rank
+    runs ZeRO 0, several the schema's default, and a resume the stage it was saved with."""
+    from checkpoint.resume import choose_zero_stage
+
+    ckpt = make(tmp_path)
+    cfg, note = choose_zero_stage(load_config(None, []), 1, ckpt)
+    assert (cfg.zero_stage, note) == (0, " (chosen for one rank; set zero_stage to choose)")
+    assert choose_zero_stage(load_config(None, []), 2, ckpt)[0].zero_stage == 1
+    assert choose_zero_stage(load_config(None, ["zero_stage=1"]), 1, ckpt)[0].zero_stage == 1
+    file = tmp_path / "c.yaml"
+    file.write_text("zero_stage: 2\n")
+    assert choose_zero_stage(load_config(file, []), 1, ckpt)[0].zero_stage == 2
+
+    saved = ckpt.dir / tag_for(4)
+    saved.mkdir(parents=True)
+    (saved / HARNESS_FILE).write_text(json.dumps({**state(4), "zero_stage": 1}))
+    cfg, note = choose_zero_stage(load_config(None, []), 1, ckpt)
+    assert (cfg.zero_stage, note) == (
+        1,
+        " (as the checkpoint it resumes; set zero_stage to choose)",
+    )
+    fresh = load_config(None, ["checkpoint.resume=never"])
+    assert choose_zero_stage(fresh, 1, ckpt)[0].zero_stage == 0

@@ -1,62 +1,17 @@
 """Host syncs of one training step: every tensor-to-host read of `trainer.step.train_step` on
-the real engine and gate, counted by who makes it."""
+the real engine and gate, counted by who makes it (`bench.syncs`)."""
 
-import collections
-import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
-import deepspeed
 import pytest
 import torch
 
+from bench.syncs import by_owner, counted_reads, table
 from configs import load_config
 from model import GPT
 from monitor.telemetry import Telemetry
 from optim import engine as engine_module
 from optim.engine import UpdateGate, initialize
-from tests.helpers import ROOT, tiny_overrides
+from tests.helpers import tiny_overrides
 from trainer.step import train_step
-
-# What reads a tensor's value into Python. On a GPU each waits for the device to finish.
-READS = ("item", "tolist", "__float__", "__bool__", "__int__", "__index__", "cpu", "numpy")
-DEEPSPEED = Path(deepspeed.__file__).parent
-TORCH_OPTIM = Path(torch.optim.__file__).parent
-
-
-def _owner(stack: traceback.StackSummary) -> tuple[str, str] | None:
-    """Who made a read: the innermost frame in DeepSpeed, torch.optim or the harness."""
-    for frame in reversed(stack[:-1]):  # the last frame is the counting shim itself
-        path = Path(frame.filename)
-        for owner, root in (("deepspeed", DEEPSPEED), ("torch", TORCH_OPTIM), ("harness", ROOT)):
-            if path.is_relative_to(root):
-                return owner, f"{path.relative_to(root)}:{frame.lineno} {frame.name}"
-    return None
-
-
-@contextmanager
-def counted_reads() -> Iterator[collections.Counter]:
-    """Count every host read of a tensor by (owner, method, where) while the block runs."""
-    counts: collections.Counter = collections.Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in READS}
-
-    def shim(name):
-        def read(self, *args, **kwargs):
-            owner = _owner(traceback.extract_stack())
-            if owner is not None:
-                counts[owner[0], name, owner[1]] += 1
-            return originals[name](self, *args, **kwargs)
-
-        return read
-
-    for name in READS:
-        setattr(torch.Tensor, name, shim(name))
-    try:
-        yield counts
-    finally:
-        for name, method in originals.items():
-            setattr(torch.Tensor, name, method)
 
 
 @pytest.mark.parametrize("accum", [1, 2])
@@ -97,13 +52,7 @@ def test_a_non_log_step_makes_one_host_sync_of_its_own(dist_env, monkeypatch, st
         scalars, _ = train_step(engine, gate, telemetry, step_batches, 2, log_step=False)
     assert scalars.applied
     print(f"\nhost reads of a non-log step, ZeRO {stage}, {accum} micro-batch(es):")
-    for (owner, name, where), n in sorted(counts.items()):
-        print(f"  {owner:<9} {n:>3}  {name:<9} {where}")
-    by_owner = collections.Counter()
-    for (owner, _, _), n in counts.items():
-        by_owner[owner] += n
-    assert by_owner["harness"] == 1
+    print(table(counts))
     harness = [(name, where.split()[-1]) for owner, name, where in counts if owner == "harness"]
     assert harness == [("tolist", "_decide")]  # the gate's read: the step's loss and grad norm
-    assert by_owner["torch"] == 0
-    assert by_owner["deepspeed"] == (0 if stage == 0 else 3)
+    assert by_owner(counts) == {"deepspeed": 0 if stage == 0 else 3, "torch": 0, "harness": 1}

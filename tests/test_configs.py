@@ -87,3 +87,13 @@ def test_paper_sweeps_vary_what_the_paper_varies(tmp_path):
     # the paper's definitions: the EMA's loss (0.99) beside the model's in every experiment
     for name in ("adamw_wd", "adam_l2", "bf16_divergence", "finetune_small_lr"):
         assert {r.config.train.ema for r in grid(name)} == {0.99}, name
+
+
+def test_compile_defaults_to_on_for_cuda_and_off_for_cpu():
+    from configs import load_config
+
+    unset = load_config(None, []).train
+    assert (unset.compiles("cuda"), unset.compiles("cpu")) == (True, False)
+    off = load_config(None, ["train.compile=false"]).train
+    assert (off.compiles("cuda"), off.compiles("cpu")) == (False, False)
+    assert load_config(None, ["train.compile=true"]).train.compiles("cpu")

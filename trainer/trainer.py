@@ -137,7 +137,7 @@ class Trainer:
         self.engine, self.optimizer = initialize(
             model, cfg, env.world_size, env.device, self.universal
         )
-        if cfg.train.compile:
+        if cfg.train.compiles(env.device.type):
             self.engine.compile()
 
     def _build_data(self, data_dir: Path) -> None:

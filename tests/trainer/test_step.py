@@ -56,3 +56,41 @@ def test_a_non_log_step_makes_one_host_sync_of_its_own(dist_env, monkeypatch, st
     harness = [(name, where.split()[-1]) for owner, name, where in counts if owner == "harness"]
     assert harness == [("tolist", "_decide")]  # the gate's read: the step's loss and grad norm
     assert by_owner(counts) == {"deepspeed": 0 if stage == 0 else 3, "torch": 0, "harness": 1}
+
+
+def test_log_steps_and_evaluation_do_not_recompile(dist_env):
+    """Compiled (dynamo's eager backend: the graphs without the CPU compiler), a run settles on
+    three graphs: the training forward, the log step's telemetry forward, and evaluation under
+    no_grad. A second round of the same steps compiles nothing and breaks no graph."""
+    from torch._dynamo.utils import counters
+
+    from trainer.step import evaluate
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = load_config(None, tiny_overrides(zero_stage=0))
+    torch.manual_seed(cfg.run.seed)
+    engine, optimizer = initialize(GPT(cfg.model), cfg, 1, dist_env.device)
+    engine.compile(backend="eager")
+    gate = UpdateGate(engine, optimizer, cfg)
+    telemetry = Telemetry(engine.module, cfg.optim.grad_clip)
+    gen = torch.Generator().manual_seed(0)
+
+    def batch():
+        shape = (2, cfg.train.micro_batch_size, cfg.model.block_size)
+        x, y = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
+        return x, y
+
+    def one_round(step: int) -> None:
+        train_step(engine, gate, telemetry, [batch()], step, log_step=False)
+        scalars, output = train_step(engine, gate, telemetry, [batch()], step + 1, log_step=True)
+        telemetry.read(1e-3, scalars.grad_norm, output)
+        evaluate(engine, [(batch(), cfg.train.micro_batch_size)], 4, dist_env.device)
+
+    one_round(1)
+    compiled = counters["stats"]["unique_graphs"], counters["frames"]["total"]
+    one_round(3)
+    assert counters["stats"]["unique_graphs"] == compiled[0] == 3
+    assert counters["frames"]["total"] == compiled[1]
+    assert not counters["graph_break"]
+    torch._dynamo.reset()

@@ -48,6 +48,12 @@ class TrainLoopConfig(Section):
     max_steps: int = Field(300, ge=1, description="optimizer steps in the run")
     micro_batch_size: int = Field(16, ge=1, description="sequences per rank per micro-step")
     grad_accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="sequences per optimizer step over all ranks; set, it fixes the batch on "
+        "any number of ranks and grad_accum_steps follows from it",
+    )
     log_interval: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
     eval_interval: int = Field(100, ge=0, description="steps between validation; 0 only at the end")
     compile: bool | None = Field(

@@ -86,6 +86,15 @@ class OptimConfig(Section):
 
 
 class DeepSpeedConfig(Section):
+    overlap_comm: bool = Field(
+        True, description="ZeRO 1-3: reduce gradients in buckets while the backward still runs"
+    )
+    bucket_elements: int = Field(
+        50_000_000,
+        ge=1_000,
+        description="ZeRO 1-3: elements per gradient reduce and all-gather bucket (overlap_comm "
+        "keeps a few such fp32 buffers)",
+    )
     extra: dict[str, Any] = Field(
         default_factory=dict,
         description="extra DeepSpeed config keys; one that contradicts ours is an error",

@@ -66,6 +66,17 @@ def deepspeed_config(
         "timers": {"throughput": {"enabled": False}},
         "checkpoint": {"load_universal": load_universal},
     }
+    if cfg.zero_stage > 0:
+        # Reduction in buckets that overlap the backward: the same sums of the same gradients,
+        # so a run is the same with it on or off (tests/optim/test_distributed.py).
+        ds = cfg.deepspeed
+        config["zero_optimization"].update(
+            overlap_comm=ds.overlap_comm,
+            contiguous_gradients=True,
+            reduce_bucket_size=ds.bucket_elements,
+        )
+        if cfg.zero_stage < 3:  # ZeRO 3 gathers parameters by its own prefetch sizes
+            config["zero_optimization"]["allgather_bucket_size"] = ds.bucket_elements
     if cfg.bf16_kernels == "emulated":  # (only with precision=bf16)
         # ZeRO 3 otherwise swaps F.linear for its own autograd function, which the emulation's
         # rounding (model/tensor_core.py) cannot see into
@@ -242,6 +253,30 @@ class UpdateGate:
     def _params(self) -> list[torch.Tensor]:
         groups = self.optimizer.param_groups
         return [p for g in groups for p in g["params"] if p.grad is not None]
+
+
+def with_global_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """`cfg` with `train.grad_accum_steps` derived from `train.global_batch_size` (when set) for
+    `world_size` ranks, so that a run on another number of nodes trains on the same batch."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return cfg
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size x ranks = {t.micro_batch_size} x {world_size}: change "
+            "one of them"
+        )
+    accum = t.global_batch_size // per_step
+    if "grad_accum_steps" in t.model_fields_set and t.grad_accum_steps != accum:
+        raise ConfigError(
+            f"train.grad_accum_steps={t.grad_accum_steps} contradicts train.global_batch_size="
+            f"{t.global_batch_size} on {world_size} rank(s), which needs {accum}: leave "
+            "train.grad_accum_steps unset"
+        )
+    train = t.model_copy(update={"grad_accum_steps": accum})
+    return cfg.model_copy(update={"train": train})
 
 
 def initialize(

@@ -42,7 +42,7 @@ from monitor.sharpness import SharpnessProbe
 from monitor.telemetry import Telemetry
 from optim.adam_lr import adam_effective_lr
 from optim.ema import WeightEMA
-from optim.engine import StepScalars, UpdateGate, initialize, set_lr
+from optim.engine import StepScalars, UpdateGate, initialize, set_lr, with_global_batch
 from optim.forms import form_metrics, mark_start
 from optim.schedule import lr_at
 from trainer.step import evaluate, event, metrics_line, train_step
@@ -57,6 +57,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     record is closed with status `failed` and the error (see `RunRecord.fail`).
     """
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
+    cfg = with_global_batch(cfg, env.world_size)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = Checkpointer(run_dir, cfg.checkpoint, env.rank, env.world_size)
     cfg, zero_note = choose_zero_stage(cfg, env.world_size, ckpt)

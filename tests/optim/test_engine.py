@@ -15,6 +15,7 @@ from optim.engine import (
     deepspeed_config,
     initialize,
     set_lr,
+    with_global_batch,
 )
 from optim.groups import param_groups
 from tests.helpers import tiny_overrides
@@ -212,7 +213,13 @@ def test_deepspeed_config_is_explicit_and_extra_keys_checked():
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 4 * 3 * 2
     assert ds["gradient_clipping"] == cfg.optim.grad_clip
-    assert ds["zero_optimization"] == {"stage": 2}
+    assert ds["zero_optimization"] == {
+        "stage": 2,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 50_000_000,
+        "allgather_bucket_size": 50_000_000,
+    }
     assert ds["torch_autocast"]["enabled"] is False
     # no device syncs of DeepSpeed's own timers at every forward and step
     assert ds["timers"] == {"throughput": {"enabled": False}}
@@ -220,13 +227,36 @@ def test_deepspeed_config_is_explicit_and_extra_keys_checked():
     cfg = load_config(None, tiny_overrides(**{"deepspeed.extra": {"gradient_clipping": 2.0}}))
     with pytest.raises(ConfigError, match="gradient_clipping"):
         deepspeed_config(cfg, 1)
-    cfg = load_config(
-        None,
-        tiny_overrides(**{"deepspeed.extra": {"zero_optimization": {"reduce_bucket_size": 1000}}}),
-    )
-    assert deepspeed_config(cfg, 1)["zero_optimization"]["reduce_bucket_size"] == 1000
+    extra = {"deepspeed.extra": {"zero_optimization": {"round_robin_gradients": True}}}
+    cfg = load_config(None, tiny_overrides(**extra))
+    assert deepspeed_config(cfg, 1)["zero_optimization"]["round_robin_gradients"] is True
+    extra = {"deepspeed.extra": {"zero_optimization": {"reduce_bucket_size": 1000}}}
+    with pytest.raises(ConfigError, match="set it through the harness's own config key"):
+        deepspeed_config(load_config(None, tiny_overrides(**extra)), 1)
     cfg = load_config(None, tiny_overrides(zero_stage=0))
     assert deepspeed_config(cfg, 1)["gradient_clipping"] == 0.0  # the gate clips on ZeRO 0
+    assert deepspeed_config(cfg, 1)["zero_optimization"] == {"stage": 0}
+    cfg = load_config(None, tiny_overrides(zero_stage=3, **{"deepspeed.bucket_elements": 4096}))
+    zero3 = deepspeed_config(cfg, 2)["zero_optimization"]
+    assert zero3["reduce_bucket_size"] == 4096 and "allgather_bucket_size" not in zero3
+
+
+def test_global_batch_size_derives_accumulation_or_says_what_to_change():
+    cfg = load_config(None, tiny_overrides(**{"train.global_batch_size": 32}))  # micro-batch 4
+    assert [with_global_batch(cfg, n).train.grad_accum_steps for n in (1, 2, 8)] == [8, 4, 1]
+    assert with_global_batch(load_config(None, tiny_overrides()), 2).train.grad_accum_steps == 1
+    with pytest.raises(ConfigError) as err:
+        with_global_batch(cfg, 3)
+    assert str(err.value) == (
+        "train.global_batch_size=32 is not a multiple of train.micro_batch_size x ranks = "
+        "4 x 3: change one of them"
+    )
+    both = {"train.global_batch_size": 32, "train.grad_accum_steps": 2}
+    with pytest.raises(ConfigError, match="grad_accum_steps=2 contradicts .* needs 4: leave"):
+        with_global_batch(load_config(None, tiny_overrides(**both)), 2)
+    assert (
+        with_global_batch(load_config(None, tiny_overrides(**both)), 4).train.grad_accum_steps == 2
+    )
 
 
 @pytest.mark.parametrize("name", ["adamw", "adam_l2", "adamw_indep"])

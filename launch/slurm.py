@@ -72,10 +72,10 @@ from launch import env
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXECUTORS = ("slurm", "local", "debug")
 LOCAL_SIGNAL_DELAY_S = 30  # submitit's LocalExecutor default (AutoExecutor cannot change it)
-# Requested per task unless --cpus-per-task / --mem say otherwise: a GPU rank's loader, compile
-# workers and host-side kernels; a CPU rank's matmul threads.
-CPUS_PER_GPU_TASK, CPUS_PER_CPU_TASK = 8, 4
-MEM_GB_PER_GPU_TASK, MEM_GB_PER_CPU_TASK = 64, 8
+# Requested per GPU task unless --cpus-per-task / --mem say otherwise: a GPU rank's loader,
+# compile workers and host-side kernels. CPU-only tasks (small clusters, tests) keep the
+# cluster's defaults, which a fixed request could exceed on a small node.
+CPUS_PER_GPU_TASK, MEM_GB_PER_GPU_TASK = 8, 64
 
 
 def run_dir_of(config: TrainConfig) -> Path:
@@ -265,20 +265,20 @@ class LaunchOptions:
         return self.gpus_per_node or 1
 
     @property
-    def task_cpus(self) -> int:
-        """CPUs per task: SLURM's default is one, which starves a rank's loader and kernels."""
-        if self.cpus_per_task is not None:
+    def task_cpus(self) -> int | None:
+        """CPUs per task: SLURM's default is one, which starves a GPU rank's loader and
+        kernels; None (the cluster's default) for CPU-only tasks."""
+        if self.cpus_per_task is not None or not self.gpus_per_node:
             return self.cpus_per_task
-        return CPUS_PER_GPU_TASK if self.gpus_per_node else CPUS_PER_CPU_TASK
+        return CPUS_PER_GPU_TASK
 
     @property
-    def node_mem_gb(self) -> float:
-        """Memory per node: `--mem`, else a default per task (a cluster's own default may be
-        as little as a few GB per CPU)."""
-        if self.mem_gb is not None:
+    def node_mem_gb(self) -> float | None:
+        """Memory per node: `--mem`, else a default per GPU task (a cluster's own default may
+        be a few GB per CPU); None (the cluster's default) for CPU-only tasks."""
+        if self.mem_gb is not None or not self.gpus_per_node:
             return self.mem_gb
-        per_task = MEM_GB_PER_GPU_TASK if self.gpus_per_node else MEM_GB_PER_CPU_TASK
-        return per_task * self.num_tasks_per_node
+        return MEM_GB_PER_GPU_TASK * self.num_tasks_per_node
 
     def check(self) -> None:
         """Raise ValueError (one line) for combinations no executor can run."""
@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cpus-per-task",
         type=_positive_int,
-        help=f"default: {CPUS_PER_GPU_TASK} with GPUs, else {CPUS_PER_CPU_TASK}",
+        help=f"default: {CPUS_PER_GPU_TASK} per GPU task, the cluster's default without GPUs",
     )
     parser.add_argument("--partition")
     parser.add_argument("--time", type=parse_time_min, default=60, help="minutes or D-H:M:S")
@@ -474,8 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mem",
         type=parse_mem_gb,
-        help=f"memory per node, e.g. 64G (default: {MEM_GB_PER_GPU_TASK}G per GPU task, "
-        f"{MEM_GB_PER_CPU_TASK}G per CPU task)",
+        help=f"memory per node, e.g. 64G (default: {MEM_GB_PER_GPU_TASK}G per GPU task, the "
+        "cluster's default without GPUs)",
     )
     parser.add_argument("--exclusive", action="store_true")
     parser.add_argument("--folder", help="submitit logs and pickles (default: RUN_DIR/submitit)")

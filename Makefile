@@ -1,7 +1,7 @@
 # The two commands of the README: `make train` and `make test`. Each works on a fresh machine.
 PYTHON ?= python
 
-.PHONY: install slurm train test test-paths
+.PHONY: install slurm train test test-paths gpu-check
 
 # torch first and pinned: resolved through another package it could pull a multi-GB CUDA build.
 install:
@@ -30,3 +30,9 @@ test-paths: install
 	@$(PYTHON) -m postmortem.kernel_path --lower-paths | while read -r path; do \
 		echo "== $$path"; env $$path $(PYTHON) -m pytest -q $(BF16_SENSITIVE) </dev/null || exit 1; \
 	done
+
+# On a machine with a CUDA GPU (no internet needed, nothing installed): the gpu-marked tests,
+# then the benchmark, as one JSON (docs/performance.md). Without CUDA it exits 2.
+GPU_CHECK_OUT ?= gpu_check.json
+gpu-check:
+	$(PYTHON) -m bench.gpu_check --out $(GPU_CHECK_OUT)

@@ -5,11 +5,12 @@
     python -m bench.engine --sweep configs/sweeps/stream_wd.yaml     # a sweep's proxy model
 
 The reference is the step a torch user writes by hand: the same `model.GPT`, the same parameter
-groups, `torch.optim.AdamW(foreach=True)`, `clip_grad_norm_`, bf16 through `torch.autocast`. Ours
-is `optim.engine.initialize` (DeepSpeed, ZeRO stage of the config) plus the `UpdateGate`, driven
-by `trainer.step.train_step`, the function the training loop calls. Both train on the same fixed
-batch from the same initial weights. After warmup the two are timed in alternating rounds (ABBA
-order), so drift in the machine's speed (other processes, frequency scaling) falls on both alike.
+groups, `torch.optim.AdamW` (`foreach` on a CPU, `fused` on a GPU, as the harness's),
+`clip_grad_norm_`, bf16 through `torch.autocast`. Ours is `optim.engine.initialize` (DeepSpeed,
+ZeRO stage of the config) plus the `UpdateGate`, driven by `trainer.step.train_step`, the
+function the training loop calls. Both train on the same fixed batch from the same initial
+weights. After warmup the two are timed in alternating rounds (ABBA order), so drift in the
+machine's speed (other processes, frequency scaling) falls on both alike.
 """
 
 import argparse
@@ -26,7 +27,8 @@ from configs import load_config
 from configs.schema import TrainConfig
 from launch.distributed import init_distributed
 from model import GPT
-from monitor.perf import mfu, peak_flops
+from monitor.divergence import DivergenceWatch
+from monitor.perf import math_mode, mfu, peak_flops, set_tf32
 from monitor.telemetry import Telemetry
 from optim.engine import UpdateGate, initialize, set_lr
 from optim.groups import param_groups
@@ -75,8 +77,9 @@ def reference_step(cfg: TrainConfig, device: torch.device, batch) -> Callable[[]
     torch.manual_seed(cfg.run.seed)
     model = GPT(cfg.model).to(device)
     o = cfg.optim
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}  # as the harness
     optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=LR, betas=o.betas, eps=o.eps, foreach=True
+        param_groups(model, o.weight_decay), lr=LR, betas=o.betas, eps=o.eps, **kernel
     )
     forward = model.forward
     if cfg.train.compile:
@@ -99,15 +102,19 @@ def reference_step(cfg: TrainConfig, device: torch.device, batch) -> Callable[[]
     return step
 
 
-def engine_step(cfg: TrainConfig, device: torch.device, batch) -> Callable[[], Any]:
+def engine_step(
+    cfg: TrainConfig, device: torch.device, batch, monitor: bool = False
+) -> Callable[[], Any]:
     """One step of the harness: DeepSpeed engine, update gate, `trainer.step.train_step`
-    (a non-log step)."""
+    (a non-log step). With `monitor`, as in a run: the divergence watch sees every step through
+    the gate, and every `train.log_interval`-th step is a log step whose telemetry it reads."""
     torch.manual_seed(cfg.run.seed)
     model = GPT(cfg.model)
     engine, optimizer = initialize(model, cfg, 1, device)
     if cfg.train.compile:
         engine.compile()
-    gate = UpdateGate(engine, optimizer, cfg)
+    watch = DivergenceWatch(cfg.divergence, emit=lambda event: None) if monitor else None
+    gate = UpdateGate(engine, optimizer, cfg, veto=watch.veto if watch else None)
     telemetry = Telemetry(engine.module, cfg.optim.grad_clip, logits=cfg.telemetry.enabled)
     count = 0
 
@@ -115,7 +122,10 @@ def engine_step(cfg: TrainConfig, device: torch.device, batch) -> Callable[[], A
         nonlocal count
         count += 1
         set_lr(engine.optimizer, LR)
-        scalars, _ = train_step(engine, gate, telemetry, [batch], count, log_step=False)
+        log_step = watch is not None and count % cfg.train.log_interval == 0
+        scalars, output = train_step(engine, gate, telemetry, [batch], count, log_step)
+        if log_step:
+            watch.observe_telemetry(count, telemetry.read(LR, scalars.grad_norm, output))
         return scalars.loss
 
     return step
@@ -166,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
     env = init_distributed(cfg.run.device)
     device = env.device
     if device.type == "cuda" and cfg.precision == "fp32":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        set_tf32(cfg.tf32)
     gen = torch.Generator().manual_seed(0)
     shape = (cfg.train.micro_batch_size, cfg.model.block_size)
     vocab = cfg.model.vocab_size
@@ -193,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
 
     with torch.device("meta"):  # the count only: no memory, no init
         flops_per_token = GPT(cfg.model).flops_per_token()
-    peak = peak_flops(device)
+    peak = peak_flops(device, math_mode(cfg))
     m = cfg.model
     print(
         f"bench.engine: torch {torch.__version__}, {platform.machine()}, "

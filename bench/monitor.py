@@ -40,7 +40,7 @@ from data.loader import BatchLoader, resolve_dataset
 from launch.distributed import init_distributed
 from model import GPT
 from monitor.divergence import DivergenceWatch
-from monitor.perf import Throughput
+from monitor.perf import Throughput, math_mode
 from monitor.run_record import RunRecord
 from monitor.sharpness import SharpnessProbe
 from monitor.telemetry import Telemetry
@@ -97,7 +97,7 @@ def build_steps(cfg: TrainConfig) -> tuple[dict[str, Callable[[], None]], Callab
     watch = DivergenceWatch(cfg.divergence, emit=record.event)
     gate = UpdateGate(engine, optimizer, cfg, veto=watch.veto)
     telemetry = Telemetry(engine.module, cfg.optim.grad_clip, logits=True, interval=0)
-    meter = Throughput(tokens_per_step, flops_per_token, env, start_step=0)
+    meter = Throughput(tokens_per_step, flops_per_token, env, start_step=0, mode=math_mode(cfg))
     probe = SharpnessProbe(cfg, engine, resolve_dataset(cfg.data) / "train.bin", 0, 1, env.device)
     step = 0
 

@@ -336,8 +336,11 @@ class Checkpointer:
             _fsync_dir(self.dir)
         return {"path": str(aside), "error": error}
 
-    def load(self, engine, path: Path, rng: bool = True) -> HarnessState:
+    def load(
+        self, engine, path: Path, rng: bool = True, weights_only: bool = False
+    ) -> HarnessState:
         """Restore `engine` and (with `rng`) this rank's RNG from `path`; return the harness state.
+        `weights_only`: the model's weights alone; the optimizer keeps its fresh state.
 
         Every rank reaches the same verdict: a failure on any rank is a `CheckpointError` on all.
         """
@@ -350,16 +353,19 @@ class Checkpointer:
         # load_state_dict would bring back the saved ones (a forced change of weight decay would
         # not take), and DeepSpeed's ZeRO-3 universal load copies group 0's into every group
         # (decaying LayerNorm gains).
+        # A group's `step` is state, not a hyperparameter: FusedAdam counts its steps there, and
+        # a rollback that restored the later count would skew the bias correction.
         groups = engine.optimizer.param_groups
-        hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        hyper = [{k: v for k, v in g.items() if k not in ("params", "step")} for g in groups]
         error = None
         try:
             loaded, _ = engine.load_checkpoint(
                 str(load_dir),
                 tag=tag,
                 load_module_strict=True,
-                load_optimizer_states=True,
+                load_optimizer_states=not weights_only,
                 load_lr_scheduler_states=False,
+                load_module_only=weights_only,  # (ZeRO 1-3 then refresh their fp32 copies)
             )
             if loaded is None:
                 error = "DeepSpeed found no model states in it"
@@ -371,7 +377,11 @@ class Checkpointer:
         _repair_optimizer(engine, hyper)
         for name, obj in self.extras.items():
             extra = path / f"{name}.pt"
-            obj.load_state_dict(torch.load(extra, weights_only=True) if extra.is_file() else None)
+            if not extra.is_file():
+                obj.load_state_dict(None)
+                continue
+            # saved from any device (the saving rank's GPU, say): onto this rank's
+            obj.load_state_dict(torch.load(extra, weights_only=True, map_location=engine.device))
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng and state["world_size"] == self.world_size and rng_file.is_file():
             set_rng_state(load_rng_file(rng_file))

@@ -40,6 +40,42 @@ def changed_keys(saved: dict[str, Any], cfg: TrainConfig, world_size: int) -> li
     return changed
 
 
+def choose_zero_stage(
+    cfg: TrainConfig, world_size: int, ckpt: Checkpointer
+) -> tuple[TrainConfig, str]:
+    """The run's ZeRO stage where the user set none (on the command line or in the config
+    file): the stage of the checkpoint it resumes (a run keeps its stage), else ZeRO 0 on one
+    rank, else the schema's default. Returns the config and a note for the start-up line.
+
+    On one rank ZeRO 1 is pure overhead (a second fp32 copy, bucket copies, a one-rank
+    all-reduce, three host syncs per step), and the update gate clips under ZeRO 0.
+    """
+    if "zero_stage" in cfg.model_fields_set:
+        return cfg, ""
+    saved = _resumed_stage(cfg, ckpt)
+    if saved is not None:
+        stage, note = saved, "as the checkpoint it resumes"
+    elif world_size == 1:
+        stage, note = 0, "chosen for one rank"
+    else:
+        return cfg, ""
+    note = f" ({note}; set zero_stage to choose)"
+    return cfg.model_copy(update={"zero_stage": stage}), note
+
+
+def _resumed_stage(cfg: TrainConfig, ckpt: Checkpointer) -> int | None:
+    """The ZeRO stage of the checkpoint a resume would load first; None for a fresh start
+    (an unreadable one is left to `select_resume` to report)."""
+    mode = cfg.checkpoint.resume
+    paths = [] if mode == "never" else ckpt.candidates() if mode == "auto" else [Path(mode)]
+    for path in paths:
+        try:
+            return read_harness(path)["zero_stage"]
+        except CheckpointError:
+            continue
+    return None
+
+
 def select_resume(ckpt: Checkpointer, cfg: TrainConfig, world_size: int) -> list[Path]:
     """The checkpoints to try, best first; empty for a fresh start.
 
@@ -136,6 +172,15 @@ def select_init(cfg: TrainConfig, resume_from: list[Path]) -> Path | None:
             f"checkpoint.init_from={path} holds another model: {', '.join(changed)}"
         )
     return path
+
+
+def optimizer_state_fits(saved: HarnessState, zero_stage: int) -> bool:
+    """Whether a run at `zero_stage`, on any number of ranks, can take the optimizer state of a
+    checkpoint with harness state `saved`: saved as it is, or through DeepSpeed's universal form
+    (ZeRO 1-3 to ZeRO 1-3). ZeRO 0 keeps it whole and ZeRO 1-3 in rank partitions, and neither
+    reads the other's, so between ZeRO 0 and another stage only the weights can go."""
+    old = saved["zero_stage"]
+    return old == zero_stage or (old > 0 and zero_stage > 0)
 
 
 def check_compatible(state: HarnessState, cfg: TrainConfig, world_size: int, path: Path) -> None:

@@ -48,9 +48,17 @@ class TrainLoopConfig(Section):
     max_steps: int = Field(300, ge=1, description="optimizer steps in the run")
     micro_batch_size: int = Field(16, ge=1, description="sequences per rank per micro-step")
     grad_accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="sequences per optimizer step over all ranks; set, it fixes the batch on "
+        "any number of ranks and grad_accum_steps follows from it",
+    )
     log_interval: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
     eval_interval: int = Field(100, ge=0, description="steps between validation; 0 only at the end")
-    compile: bool = Field(False, description="torch.compile the model (GPU)")
+    compile: bool | None = Field(
+        None, description="torch.compile the model; unset (null): on a GPU, off on a CPU"
+    )
     ema: float = Field(
         0.0,
         ge=0.0,
@@ -58,6 +66,12 @@ class TrainLoopConfig(Section):
         description="decay of an EMA of the weights updated every step, its val loss logged as "
         "val_loss_ema (the paper: 0.99); 0 = off",
     )
+
+    def compiles(self, device_type: str) -> bool:
+        """Whether the model is compiled on `device_type`: `compile` where set, else on CUDA
+        only (measured on an H100: 465K tokens/s compiled against 309K eager; on a CPU the
+        compile costs more than a short run gains)."""
+        return self.compile if self.compile is not None else device_type == "cuda"
 
 
 class TrainConfig(Section):
@@ -83,7 +97,11 @@ class TrainConfig(Section):
         "(their reference kernel, the aggressive bound)",
     )
     tf32: bool = Field(False, description="TF32 matmuls in fp32 (GPU only)")
-    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        1,
+        description="DeepSpeed ZeRO stage; left unset: 0 on one rank (a resume keeps the "
+        "checkpoint's stage)",
+    )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

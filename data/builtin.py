@@ -108,10 +108,13 @@ def _section(title: str, doc: str | None) -> str:
 
 def prepare_builtin(data_dir: str | Path) -> Path:
     """Prepare the corpus on first use and return its directory; later calls return at once."""
-    # Imported here: this file must also run with the standard library alone (see above).
-    from data.text import TextSource, prepare
 
     def build(out_dir: Path) -> None:
+        # Imported here, not at the top: this file must also run with the standard library
+        # alone (see above), and training on an already prepared corpus must not import
+        # data.text's pyarrow and datasets.
+        from data.text import TextSource, prepare
+
         version = sys.version.split()[0]
         description = (
             f"builtin: Python {version} pydoc topics and docstrings of "

@@ -232,6 +232,23 @@ def apply(rendezvous: Rendezvous, environ: MutableMapping[str, str] | None = Non
     target.update(rendezvous.as_env())
 
 
+def omp_threads(
+    environ: Mapping[str, str], local_world_size: int, usable_cpus: int | None = None
+) -> int:
+    """Threads per rank: SLURM's CPUs per task, but never more than this process may run on;
+    without it, the usable CPUs shared among the node's ranks (as torchrun does).
+
+    `usable_cpus` (default: `os.sched_getaffinity(0)`) is what the cgroup and CPU binding allow,
+    which `os.cpu_count()` ignores: it counts every core of the node, so eight ranks on a
+    shared 128-core node would each start 16 threads on the 8 CPUs the job was given.
+    """
+    usable = len(os.sched_getaffinity(0)) if usable_cpus is None else usable_cpus
+    per_task = environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        return max(1, min(int(per_task), usable))
+    return max(1, usable // max(1, local_world_size))
+
+
 def torchrun_argv(
     script: str,
     args: Sequence[str] = (),

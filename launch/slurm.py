@@ -72,6 +72,10 @@ from launch import env
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXECUTORS = ("slurm", "local", "debug")
 LOCAL_SIGNAL_DELAY_S = 30  # submitit's LocalExecutor default (AutoExecutor cannot change it)
+# Requested per GPU task unless --cpus-per-task / --mem say otherwise: a GPU rank's loader,
+# compile workers and host-side kernels. CPU-only tasks (small clusters, tests) keep the
+# cluster's defaults, which a fixed request could exceed on a small node.
+CPUS_PER_GPU_TASK, MEM_GB_PER_GPU_TASK = 8, 64
 
 
 def run_dir_of(config: TrainConfig) -> Path:
@@ -185,9 +189,9 @@ class TrainTask(submitit.helpers.Checkpointable):
         rendezvous = env.from_job_environment(job_env, self.master_port)
         env.apply(rendezvous)
         if "OMP_NUM_THREADS" not in os.environ:
-            # As torchrun does: otherwise every rank starts one thread per core of the node.
-            share = max(1, (os.cpu_count() or 1) // rendezvous.local_world_size)
-            os.environ["OMP_NUM_THREADS"] = os.environ.get("SLURM_CPUS_PER_TASK") or str(share)
+            # Otherwise every rank starts one thread per core of the node.
+            threads = env.omp_threads(os.environ, rendezvous.local_world_size)
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         print(f"[launch] {job_env} rendezvous {rendezvous}", flush=True)
         guard = _RequeueOnSignal.install(rendezvous.rank, self.grace_s)
 
@@ -238,13 +242,13 @@ class LaunchOptions:
     nodes: int = 1
     gpus_per_node: int = 0
     tasks_per_node: int | None = None  # default: gpus_per_node, or 1 without GPUs
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = None  # default: `task_cpus`
     time_min: int = 60
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    mem_gb: float | None = None
+    mem_gb: float | None = None  # per node; default: `node_mem_gb`
     exclusive: bool = False
     folder: str | None = None  # default: <run dir>/submitit
     signal_delay_s: int = 120
@@ -259,6 +263,22 @@ class LaunchOptions:
         if self.tasks_per_node is not None:
             return self.tasks_per_node
         return self.gpus_per_node or 1
+
+    @property
+    def task_cpus(self) -> int | None:
+        """CPUs per task: SLURM's default is one, which starves a GPU rank's loader and
+        kernels; None (the cluster's default) for CPU-only tasks."""
+        if self.cpus_per_task is not None or not self.gpus_per_node:
+            return self.cpus_per_task
+        return CPUS_PER_GPU_TASK
+
+    @property
+    def node_mem_gb(self) -> float | None:
+        """Memory per node: `--mem`, else a default per GPU task (a cluster's own default may
+        be a few GB per CPU); None (the cluster's default) for CPU-only tasks."""
+        if self.mem_gb is not None or not self.gpus_per_node:
+            return self.mem_gb
+        return MEM_GB_PER_GPU_TASK * self.num_tasks_per_node
 
     def check(self) -> None:
         """Raise ValueError (one line) for combinations no executor can run."""
@@ -302,8 +322,8 @@ def make_executor(options: LaunchOptions, folder: Path, job_name: str) -> submit
         "nodes": options.nodes,
         "tasks_per_node": options.num_tasks_per_node,
         "timeout_min": options.time_min,
-        "cpus_per_task": options.cpus_per_task,
-        "mem_gb": options.mem_gb,
+        "cpus_per_task": options.task_cpus,
+        "mem_gb": options.node_mem_gb,
         "slurm_partition": options.partition,
         "slurm_account": options.account,
         "slurm_qos": options.qos,
@@ -441,13 +461,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tasks-per-node", type=_positive_int, help="ranks per node (default: one per GPU)"
     )
-    parser.add_argument("--cpus-per-task", type=_positive_int)
+    parser.add_argument(
+        "--cpus-per-task",
+        type=_positive_int,
+        help=f"default: {CPUS_PER_GPU_TASK} per GPU task, the cluster's default without GPUs",
+    )
     parser.add_argument("--partition")
     parser.add_argument("--time", type=parse_time_min, default=60, help="minutes or D-H:M:S")
     parser.add_argument("--account")
     parser.add_argument("--qos")
     parser.add_argument("--constraint")
-    parser.add_argument("--mem", type=parse_mem_gb, help="memory per node, e.g. 64G")
+    parser.add_argument(
+        "--mem",
+        type=parse_mem_gb,
+        help=f"memory per node, e.g. 64G (default: {MEM_GB_PER_GPU_TASK}G per GPU task, the "
+        "cluster's default without GPUs)",
+    )
     parser.add_argument("--exclusive", action="store_true")
     parser.add_argument("--folder", help="submitit logs and pickles (default: RUN_DIR/submitit)")
     parser.add_argument(

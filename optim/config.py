@@ -32,6 +32,11 @@ class OptimConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam (beta1, beta2)")
     eps: float = Field(1e-8, gt=0.0, description="Adam epsilon")
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables clipping")
+    fused_adam: Literal["torch", "deepspeed"] = Field(
+        "torch",
+        description="CUDA Adam kernel of adamw, adam_l2, adamw_indep: torch (fused=True, no "
+        "build) or deepspeed (FusedAdam, JIT-built; torch if the build fails)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "OptimConfig":
@@ -81,6 +86,15 @@ class OptimConfig(Section):
 
 
 class DeepSpeedConfig(Section):
+    overlap_comm: bool = Field(
+        True, description="ZeRO 1-3: reduce gradients in buckets while the backward still runs"
+    )
+    bucket_elements: int = Field(
+        50_000_000,
+        ge=1_000,
+        description="ZeRO 1-3: elements per gradient reduce and all-gather bucket (overlap_comm "
+        "keeps a few such fp32 buffers)",
+    )
     extra: dict[str, Any] = Field(
         default_factory=dict,
         description="extra DeepSpeed config keys; one that contradicts ours is an error",

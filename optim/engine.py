@@ -10,6 +10,7 @@ Reading those two numbers is the one host sync per step that the harness makes.
 """
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from configs import ConfigError
 from configs.schema import TrainConfig
 from model.tensor_core import emulate_tensor_cores
+from optim.config import OptimConfig
 from optim.forms import FORMS, FormAdam
 from optim.groups import param_groups
 from optim.l2 import add_l2_loss_grad
@@ -59,8 +61,22 @@ def deepspeed_config(
         "gradient_predivide_factor": 1.0,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # On by default, DeepSpeed's throughput timer calls cuda.synchronize() at every forward
+        # and every engine.step(); the harness measures throughput itself (monitor/perf.py).
+        "timers": {"throughput": {"enabled": False}},
         "checkpoint": {"load_universal": load_universal},
     }
+    if cfg.zero_stage > 0:
+        # Reduction in buckets that overlap the backward: the same sums of the same gradients,
+        # so a run is the same with it on or off (tests/optim/test_distributed.py).
+        ds = cfg.deepspeed
+        config["zero_optimization"].update(
+            overlap_comm=ds.overlap_comm,
+            contiguous_gradients=True,
+            reduce_bucket_size=ds.bucket_elements,
+        )
+        if cfg.zero_stage < 3:  # ZeRO 3 gathers parameters by its own prefetch sizes
+            config["zero_optimization"]["allgather_bucket_size"] = ds.bucket_elements
     if cfg.bf16_kernels == "emulated":  # (only with precision=bf16)
         # ZeRO 3 otherwise swaps F.linear for its own autograd function, which the emulation's
         # rounding (model/tensor_core.py) cannot see into
@@ -82,13 +98,47 @@ def _merge_extra(config: dict[str, Any], extra: dict[str, Any], where: str) -> N
             config[key] = value
 
 
+def adam_choice(o: OptimConfig, device_type: str) -> tuple[type, dict[str, Any]]:
+    """The Adam class and its kernel option for adamw, adam_l2 and adamw_indep on a device.
+
+    torch's own AdamW (decoupled forms) or Adam (adam_l2): `foreach` on a CPU, bitwise what
+    torch users get; `fused` on CUDA, which ships in torch's wheel and needs no build. DeepSpeed's
+    FusedAdam only when `optim.fused_adam=deepspeed` asks for it: DeepSpeed on PyPI ships its
+    source, so the first use JIT-compiles the op (nvcc matching torch's CUDA, ninja, g++, one
+    lock in ~/.cache/torch_extensions for every rank). If that build fails, torch's fused path
+    runs instead, after one warning line.
+    """
+    torch_cls = torch.optim.AdamW if o.decoupled else torch.optim.Adam
+    if device_type != "cuda":
+        return torch_cls, {"foreach": True}
+    if o.fused_adam == "deepspeed":
+        try:
+            return load_fused_adam(), {"adam_w_mode": o.decoupled}
+        except Exception as err:  # a missing toolkit fails in many ways; all mean "no op"
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            print(
+                f"warning: DeepSpeed's FusedAdam did not build ({reason}); using torch's "
+                f"fused {torch_cls.__name__} (optim.fused_adam=torch avoids the build)",
+                file=sys.stderr,
+            )
+    return torch_cls, {"fused": True}
+
+
+def load_fused_adam() -> type:
+    """DeepSpeed's FusedAdam class, with its CUDA op built (or loaded from the build cache)."""
+    from deepspeed.ops.adam import FusedAdam
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+
+    FusedAdamBuilder().load()
+    return FusedAdam
+
+
 def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device):
-    """The optimizer of `optim.name`, gated; DeepSpeed's FusedAdam on GPU for the torch forms.
+    """The optimizer of `optim.name`, gated (`adam_choice` picks the Adam of the torch forms).
     With `optim.l2_form=loss` Adam's own weight decay is 0 (the caller hooks the L2 gradient).
 
-    adamw, adamw_indep, adam_l2: on the CPU torch's own AdamW/Adam (no kernel build, and bitwise
-    what torch users get). adamw_indep is AdamW with wd / lr_max: its per-step shrink
-    lr_t * wd / lr_max is the paper's schedule multiplier times wd. adamp, adam_spd: `FormAdam`.
+    adamw_indep is AdamW with wd / lr_max: its per-step shrink lr_t * wd / lr_max is the
+    paper's schedule multiplier times wd. adamp, adam_spd: `FormAdam`.
     """
     o = cfg.optim
     if o.name in FORMS:
@@ -96,16 +146,25 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torc
         kwargs = dict(form=o.name, delta=o.adamp_delta, wd_ratio=o.adamp_wd_ratio)
     else:
         groups = [{**g, "weight_decay": o.torch_weight_decay(g["weight_decay"])} for g in groups]
-        if device.type == "cuda":
-            from deepspeed.ops.adam import FusedAdam
-
-            base, kwargs = FusedAdam, {"adam_w_mode": o.decoupled}
-        else:
-            base = torch.optim.AdamW if o.decoupled else torch.optim.Adam
-            kwargs = {"foreach": True}
+        base, kwargs = adam_choice(o, device.type)
     kwargs.update(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     gated_cls = type(f"Gated{base.__name__}", (_GatedStep, base), {})
-    return gated_cls(groups, **kwargs)
+    optimizer = gated_cls(groups, **kwargs)
+    if issubclass(base, torch.optim.Adam | torch.optim.AdamW):
+        optimizer.register_load_state_dict_pre_hook(_step_per_param)
+    return optimizer
+
+
+def _step_per_param(optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Let torch's Adam load FusedAdam's state (a GPU run's checkpoint replayed on a CPU, say):
+    FusedAdam counts steps in each param group, torch's Adam in each parameter's state, and
+    raises KeyError 'step' on a state without one. The group's count fills it in."""
+    for group in state_dict["param_groups"]:
+        for index in group["params"]:
+            state = state_dict["state"].get(index, {})
+            if "exp_avg" in state and "step" not in state and "step" in group:
+                state["step"] = torch.tensor(float(group["step"]))
+    return state_dict
 
 
 class _GatedStep:
@@ -196,6 +255,30 @@ class UpdateGate:
         return [p for g in groups for p in g["params"] if p.grad is not None]
 
 
+def with_global_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """`cfg` with `train.grad_accum_steps` derived from `train.global_batch_size` (when set) for
+    `world_size` ranks, so that a run on another number of nodes trains on the same batch."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return cfg
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size x ranks = {t.micro_batch_size} x {world_size}: change "
+            "one of them"
+        )
+    accum = t.global_batch_size // per_step
+    if "grad_accum_steps" in t.model_fields_set and t.grad_accum_steps != accum:
+        raise ConfigError(
+            f"train.grad_accum_steps={t.grad_accum_steps} contradicts train.global_batch_size="
+            f"{t.global_batch_size} on {world_size} rank(s), which needs {accum}: leave "
+            "train.grad_accum_steps unset"
+        )
+    train = t.model_copy(update={"grad_accum_steps": accum})
+    return cfg.model_copy(update={"train": train})
+
+
 def initialize(
     model: torch.nn.Module,
     cfg: TrainConfig,
@@ -207,8 +290,8 @@ def initialize(
     import deepspeed
     from deepspeed.utils import logger
 
-    # DeepSpeed warns about any client optimizer under ZeRO ("untested"); ours is the torch or
-    # FusedAdam step behind a gate, checked against torch on every stage in tests/optim.
+    # DeepSpeed warns about any client optimizer under ZeRO ("untested"); ours is torch's Adam
+    # (or FusedAdam) step behind a gate, checked against torch on every stage in tests/optim.
     logger.setLevel("ERROR")
     groups = param_groups(model, cfg.optim.weight_decay)
     add_l2_loss_grad(groups[0]["params"], cfg)

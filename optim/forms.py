@@ -183,23 +183,28 @@ class FormAdam(torch.optim.Optimizer):
         coef = torch.zeros_like(gw)  # per row: the projection's multiplier of w
         ratio = [1.0] * len(rows)
         cos_rows = gw.abs() / (gg.sqrt().clamp_min(eps) * ww.sqrt().clamp_min(eps))
-        for i, shape in enumerate(layout.shapes):
-            if rows[i] == 0:
-                continue
+        matrices = [i for i in range(len(rows)) if rows[i]]
+        spans = [slice(offsets[i], offsets[i + 1]) for i in matrices]
+        whole_cos = [
+            gw[r].sum().abs()
+            / (gg[r].sum().sqrt().clamp_min(eps) * ww[r].sum().sqrt().clamp_min(eps))
+            for r in spans
+        ]
+        # The decisions of all matrices in one read rather than one or two per matrix.
+        cosines = (
+            torch.stack([cos_rows[r].max() for r in spans] + whole_cos).tolist() if spans else []
+        )
+        for k, (i, r) in enumerate(zip(matrices, spans, strict=True)):
             self.counts["matrices"] += 1
-            a, b = offsets[i], offsets[i + 1]
-            numel = math.prod(shape)
-            if cos_rows[a:b].max().item() < group["delta"] / math.sqrt(numel // rows[i]):
-                coef[a:b] = wu[a:b] / (ww[a:b].sqrt() + eps) ** 2
+            numel = math.prod(layout.shapes[i])
+            if cosines[k] < group["delta"] / math.sqrt(numel // rows[i]):
+                coef[r] = wu[r] / (ww[r].sqrt() + eps) ** 2
                 self.counts["row"] += 1
-            else:
-                whole = gw[a:b].sum().abs() / (
-                    gg[a:b].sum().sqrt().clamp_min(eps) * ww[a:b].sum().sqrt().clamp_min(eps)
-                )
-                if whole.item() >= group["delta"] / math.sqrt(numel):
-                    continue
-                coef[a:b] = wu[a:b].sum() / (ww[a:b].sum().sqrt() + eps) ** 2
+            elif cosines[len(spans) + k] < group["delta"] / math.sqrt(numel):
+                coef[r] = wu[r].sum() / (ww[r].sum().sqrt() + eps) ** 2
                 self.counts["tensor"] += 1
+            else:
+                continue
             ratio[i] = group["wd_ratio"]
         for frag in layout.fragments:
             piece = slice(frag.flat_start, frag.flat_start + frag.length)
@@ -233,11 +238,13 @@ class FormAdam(torch.optim.Optimizer):
         after_norm = after_sq.sqrt()
         ratio = ((after_norm - before_sq.sqrt()) / after_norm.clamp_min(1e-30)).clamp(0.0, 1.0)
         ratio = torch.where(pull < 0, ratio, torch.zeros_like(ratio))
+        # Every tensor's ratio and sign of pull in one read rather than one per fragment.
+        ratios, pulled = torch.stack([ratio, (pull < 0).to(ratio.dtype)]).tolist()
         self.counts["candidates"] += len(rows)
-        self.counts["decayed"] += int((pull < 0).sum().item())
+        self.counts["decayed"] += int(sum(pulled))
         for frag in layout.fragments:
             piece = slice(frag.flat_start, frag.flat_start + frag.length)
-            p[piece].sub_(after[piece], alpha=lam * ratio[frag.tensor].item())
+            p[piece].sub_(after[piece], alpha=lam * ratios[frag.tensor])
 
 
 def _zero12_layout(zero, i: int) -> Layout:

@@ -110,3 +110,13 @@ def test_a_preset_in_the_file_gives_way_to_the_files_own_sizes(tmp_path):
     path.write_text("model:\n  size: gpt2\n  n_layer: 2\n")
     model = load_config(path).model
     assert (model.n_layer, model.n_head, model.n_embd) == (2, 12, 768)
+
+
+def test_compile_defaults_to_on_for_cuda_and_off_for_cpu():
+    from configs import load_config
+
+    unset = load_config(None, []).train
+    assert (unset.compiles("cuda"), unset.compiles("cpu")) == (True, False)
+    off = load_config(None, ["train.compile=false"]).train
+    assert (off.compiles("cuda"), off.compiles("cpu")) == (False, False)
+    assert load_config(None, ["train.compile=true"]).train.compiles("cpu")

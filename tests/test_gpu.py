@@ -1,4 +1,4 @@
-"""GPU paths (nccl, FusedAdam, bf16 autocast on CUDA, torch.compile, MFU): run where CUDA is.
+"""GPU paths (nccl, fused Adam, bf16 autocast on CUDA, torch.compile, MFU): run where CUDA is.
 
 Skipped cleanly without a GPU (tests/conftest.py skips the `gpu` marker). The CPU run of the same
 tiny config is the reference, so no golden number has to come from a machine we did not have.
@@ -58,7 +58,8 @@ def test_cuda_fp32_matches_cpu_and_reports_mfu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("zero_stage", [1, 3])
 def test_cuda_bf16_fused_adam_learns(tmp_path, zero_stage):
-    """bf16 autocast with FusedAdam on ZeRO 1 and 3: finite, and the loss falls."""
+    """bf16 autocast with torch's fused AdamW (the default; DeepSpeed's FusedAdam only with
+    optim.fused_adam=deepspeed) on ZeRO 1 and 3: finite, and the loss falls."""
     gpu = train(
         tmp_path,
         f"bf16-z{zero_stage}",

@@ -75,6 +75,9 @@ def test_tiny_run_writes_the_run_directory(tmp_path):
 
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["model"]["n_embd"] == 32 and resolved["train"]["max_steps"] == STEPS
+    # no zero_stage in the file or the overrides: one rank runs ZeRO 0, and says why
+    assert "ZeRO 0 (chosen for one rank; set zero_stage to choose)" in proc.stdout
+    assert resolved["zero_stage"] == 0
     meta = resolved["meta"]
     assert set(meta) >= {"torch", "deepspeed", "git_commit", "world_size"}
     assert meta["world_size"] == 1 and meta["torch"].startswith("2.")
@@ -252,3 +255,20 @@ def test_a_failing_run_closes_its_record_with_the_error(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["steps"] == 0
     assert "train.bin" in summary["error"] and "Traceback" not in proc.stderr
+
+
+def test_training_on_prepared_data_imports_neither_pyarrow_nor_datasets(finished_run, tmp_path):
+    """pyarrow (a 55 MB wheel) and `datasets` are for preparing data (data/text.py): an image or
+    a job that trains from prepared .bin files must not need them. The finished run's fixture
+    has prepared the compact corpus; this run trains on it in one process, then looks."""
+    script = (
+        "import runpy, sys\n"
+        "main = runpy.run_path('train.py')['main']\n"
+        "rc = main(sys.argv[1:])\n"
+        "print('heavy:', [m for m in ('pyarrow', 'datasets') if m in sys.modules])\n"
+        "sys.exit(rc)\n"
+    )
+    args = finished_run_args(tmp_path / "light", **{"train.max_steps": 2})[1:]
+    proc = run_cli("-c", script, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "heavy: []"

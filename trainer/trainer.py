@@ -23,7 +23,13 @@ from checkpoint.manager import (
     step_of,
 )
 from checkpoint.preemption import PreemptionFlag
-from checkpoint.resume import resume_reason, select_init, select_resume
+from checkpoint.resume import (
+    choose_zero_stage,
+    optimizer_state_fits,
+    resume_reason,
+    select_init,
+    select_resume,
+)
 from common.run_lock import RunLock, RunLockError
 from configs.schema import TrainConfig
 from data.dataset import DataError
@@ -31,14 +37,14 @@ from data.loader import BatchLoader, resolve_dataset, validation_batches
 from launch.distributed import DistEnv, init_distributed
 from model import GPT
 from monitor.divergence import DivergenceWatch
-from monitor.perf import Throughput
+from monitor.perf import Throughput, math_mode, set_tf32
 from monitor.policy import Action
 from monitor.run_record import RunRecord, is_complete, read_summary
 from monitor.sharpness import SharpnessProbe
 from monitor.telemetry import Telemetry
 from optim.adam_lr import adam_effective_lr
 from optim.ema import WeightEMA
-from optim.engine import StepScalars, UpdateGate, initialize, set_lr
+from optim.engine import StepScalars, UpdateGate, initialize, set_lr, with_global_batch
 from optim.forms import form_metrics, mark_start
 from optim.schedule import lr_at
 from trainer.step import evaluate, event, metrics_line, train_step
@@ -53,6 +59,7 @@ def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
     record is closed with status `failed` and the error (see `RunRecord.fail`).
     """
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
+    cfg = with_global_batch(cfg, env.world_size)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     lock = hold_run_lock(run_dir, env)  # before anything is read or written
     try:
@@ -85,6 +92,7 @@ def _run(
 ) -> dict[str, Any]:
     """`run` with the lock held."""
     ckpt = Checkpointer(run_dir, cfg.checkpoint, env.rank, env.world_size)
+    cfg, zero_note = choose_zero_stage(cfg, env.world_size, ckpt)
     resume_from = select_resume(ckpt, cfg, env.world_size)  # best first; [] starts afresh
     previous = read_summary(run_dir) if resume_from else None
     if stop_step is None and is_complete(previous, cfg):
@@ -102,7 +110,7 @@ def _run(
         )
     try:
         universal = loads_universal(cfg, env, resume_from, init_from)
-        trainer = Trainer(cfg, env, ckpt, record, data_dir, universal, stop_step)
+        trainer = Trainer(cfg, env, ckpt, record, data_dir, universal, stop_step, zero_note)
         trainer.start(resume_from, init_from)
         return trainer.train()
     except BaseException as err:
@@ -138,10 +146,13 @@ class Trainer:
         data_dir: Path,
         universal: bool = False,
         stop_step: int | None = None,
+        zero_note: str = "",
     ) -> None:
         """Build the run's parts; `universal`: the checkpoint to start from is loaded in
-        DeepSpeed's universal form (`loads_universal`)."""
+        DeepSpeed's universal form (`loads_universal`); `zero_note`: why this ZeRO stage, for
+        the start-up line (`choose_zero_stage`)."""
         self.cfg, self.env, self.ckpt, self.record = cfg, env, ckpt, record
+        self.zero_note = zero_note
         self.universal = universal
         self.step, self.tokens = 0, 0
         last = cfg.train.max_steps
@@ -158,14 +169,14 @@ class Trainer:
         """Model and engine: every rank builds the same initial weights from the run seed."""
         cfg, env = self.cfg, self.env
         if cfg.tf32 and env.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            set_tf32(True)
         torch.manual_seed(cfg.run.seed)
         model = GPT(cfg.model)
         self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token()
         self.engine, self.optimizer = initialize(
             model, cfg, env.world_size, env.device, self.universal
         )
-        if cfg.train.compile:
+        if cfg.train.compiles(env.device.type):
             self.engine.compile()
 
     def _build_data(self, data_dir: Path) -> None:
@@ -193,7 +204,7 @@ class Trainer:
             f"{self.num_params / 1e6:.2f}M parameters, {self.tokens_per_step:,} tokens per step "
             f"({cfg.train.micro_batch_size} x {cfg.model.block_size} x "
             f"{cfg.train.grad_accum_steps} accumulation x {env.world_size} ranks), "
-            f"ZeRO {cfg.zero_stage}, {cfg.precision}, "
+            f"ZeRO {cfg.zero_stage}{self.zero_note}, {cfg.precision}, "
             f"{cfg.optim.name} wd={cfg.optim.weight_decay}"
         )
 
@@ -264,8 +275,17 @@ class Trainer:
         self.ckpt.save(self.engine, self.harness_state())  # the first "last good" checkpoint
 
     def _init_from(self, path: Path) -> None:
-        """Weights and optimizer state of another run; step and monitors anew."""
-        source = self.ckpt.load(self.engine, path, rng=False)
+        """Weights and optimizer state of another run (the weights alone where the optimizer
+        state cannot cross from its ZeRO stage to ours); step and monitors anew."""
+        saved = read_harness(path)
+        fits = optimizer_state_fits(saved, self.cfg.zero_stage)
+        if not fits:
+            self.record.message(
+                f"checkpoint.init_from: {path} was saved on ZeRO {saved['zero_stage']}, whose "
+                f"optimizer state ZeRO {self.cfg.zero_stage} cannot read: its weights only, "
+                "with a fresh optimizer"
+            )
+        source = self.ckpt.load(self.engine, path, rng=False, weights_only=not fits)
         mark_start(self.optimizer)  # adam_spd's theta_0: these weights
         try:  # the same data, batch and seed: go on to data the source run has not seen
             self.loader.load_state_dict(source["loader"])
@@ -279,6 +299,7 @@ class Trainer:
                 from_step=source["step"],
                 from_tokens=source["tokens"],
                 data_position=self.loader.position,
+                optimizer_state="loaded" if fits else "fresh",
             )
         )
 
@@ -287,7 +308,11 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """The loop: one iteration is one optimizer update over the global batch."""
         self.meter = Throughput(
-            self.tokens_per_step, self.flops_per_token, self.env, start_step=self.step
+            self.tokens_per_step,
+            self.flops_per_token,
+            self.env,
+            start_step=self.step,
+            mode=math_mode(self.cfg),
         )
         status = "completed"
         while self.step < self.end_step:

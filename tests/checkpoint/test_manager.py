@@ -304,3 +304,154 @@ def test_a_full_disk_ends_the_run_failed_in_one_line(tmp_path):
             assert not [p for p in run_dir.rglob("*") if "partial" in p.name]
             if failing:
                 assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag_for(0)
+
+
+# ----------------------------------------------- across devices and optimizer kinds (real engine)
+
+
+def real_engine(dist_env, zero_stage: int = 0):
+    """A tiny GPT on our engine after two updates; (engine, optimizer, config)."""
+    from model import GPT
+    from optim.engine import initialize
+    from tests.helpers import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides(zero_stage=zero_stage))
+    torch.manual_seed(cfg.run.seed)
+    engine, optimizer = initialize(GPT(cfg.model), cfg, 1, dist_env.device)
+    for seed in (1, 2):
+        engine_step(engine, seed)
+    return engine, optimizer, cfg
+
+
+def engine_step(engine, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(0, 128, (2, 4, 16), generator=gen)
+    engine.backward(engine(x, y).loss)
+    engine.step()
+
+
+def rewrite(file: Path, obj) -> None:
+    """Replace a checkpoint file, with a manifest that agrees (as a save elsewhere would)."""
+    torch.save(obj, file)
+    agree(file)
+
+
+def agree(file: Path) -> None:
+    """Make the manifest agree with `file` as it is now."""
+    from checkpoint.manager import file_crc32
+
+    manifest = json.loads((file.parent / MANIFEST_FILE).read_text())
+    manifest[file.name] = {"bytes": file.stat().st_size, "crc32": file_crc32(file)}
+    (file.parent / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def as_saved_on_gpu(file: Path) -> None:
+    """Make a torch file's tensors say they were saved on cuda:0, as a GPU rank's would: such a
+    file loads on a machine without CUDA only with a map_location."""
+    import zipfile
+
+    with zipfile.ZipFile(file) as archive:
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    pickle = next(name for name in entries if name.endswith("/data.pkl"))
+    cpu, gpu = b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"  # pickled str: length, text
+    assert cpu in entries[pickle]
+    entries[pickle] = entries[pickle].replace(cpu, gpu)
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    agree(file)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(file, weights_only=True)
+
+
+def test_ema_saved_on_a_gpu_loads_onto_the_engines_device(dist_env, tmp_path):
+    from optim.ema import WeightEMA
+
+    engine, _, _ = real_engine(dist_env)
+    ema = WeightEMA(engine.module, 0.9)
+    ema.update()
+    ckpt = make(tmp_path)
+    ckpt.track("ema", ema)
+    path = ckpt.save(engine, state(2))
+    saved = [e.clone() for e in ema.shadow]
+    as_saved_on_gpu(path / "ema.pt")
+    for e in ema.shadow:
+        e.zero_()
+    ckpt.load(engine, path)
+    assert all(torch.equal(e, s) for e, s in zip(ema.shadow, saved, strict=True))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_a_rollback_restores_the_step_an_optimizer_keeps_in_its_groups(
+    dist_env, tmp_path, zero_stage
+):
+    """FusedAdam counts its steps in the param groups: a load (an in-process rollback) must
+    bring back the checkpoint's count, not keep the later one the groups held before it."""
+    engine, _, _ = real_engine(dist_env, zero_stage)
+    for group in engine.optimizer.param_groups:
+        group["step"] = 2
+    ckpt = make(tmp_path)
+    path = ckpt.save(engine, {**state(2), "zero_stage": zero_stage})
+    for group in engine.optimizer.param_groups:
+        group["step"] = 5  # three steps later, then the rollback
+    ckpt.load(engine, path)
+    assert [g["step"] for g in engine.optimizer.param_groups] == [2, 2]
+
+
+def test_a_fused_adam_checkpoint_loads_into_torch_adamw(dist_env, tmp_path):
+    """FusedAdam's layout (no per-parameter `step`, the count in each group) loads into torch's
+    AdamW on a CPU, and the next update is the one from torch's own layout, to the bit."""
+    engine, _, _ = real_engine(dist_env)
+    ckpt = make(tmp_path)
+    path = ckpt.save(engine, state(2))
+    model_file = path / "mp_rank_00_model_states.pt"
+    updated = {}
+    for layout in ("torch", "fused_adam"):
+        if layout == "fused_adam":
+            saved = torch.load(model_file, weights_only=False)
+            for param_state in saved["optimizer"]["state"].values():
+                del param_state["step"]
+            for group in saved["optimizer"]["param_groups"]:
+                group["step"] = 2
+            rewrite(model_file, saved)
+        fresh, _, _ = real_engine(dist_env)
+        ckpt.load(fresh, path)
+        engine_step(fresh, 3)
+        updated[layout] = [p.detach().clone() for p in fresh.module.parameters()]
+    assert all(map(torch.equal, updated["torch"], updated["fused_adam"]))
+
+
+@pytest.mark.parametrize(
+    ("saved_stage", "stage", "fits"),
+    [(0, 0, True), (1, 2, True), (3, 1, True), (0, 2, False), (2, 0, False)],
+)
+def test_optimizer_state_crosses_between_zero_1_to_3_only(saved_stage, stage, fits):
+    from checkpoint.resume import optimizer_state_fits
+
+    assert optimizer_state_fits({**state(2), "zero_stage": saved_stage}, stage) == fits
+
+
+def test_zero_stage_unset_is_zero_on_one_rank_and_the_resumed_stage_on_resume(tmp_path):
+    """Set in the config file or on the command line, the stage is the user's; unset, one rank
+    runs ZeRO 0, several the schema's default, and a resume the stage it was saved with."""
+    from checkpoint.resume import choose_zero_stage
+
+    ckpt = make(tmp_path)
+    cfg, note = choose_zero_stage(load_config(None, []), 1, ckpt)
+    assert (cfg.zero_stage, note) == (0, " (chosen for one rank; set zero_stage to choose)")
+    assert choose_zero_stage(load_config(None, []), 2, ckpt)[0].zero_stage == 1
+    assert choose_zero_stage(load_config(None, ["zero_stage=1"]), 1, ckpt)[0].zero_stage == 1
+    file = tmp_path / "c.yaml"
+    file.write_text("zero_stage: 2\n")
+    assert choose_zero_stage(load_config(file, []), 1, ckpt)[0].zero_stage == 2
+
+    saved = ckpt.dir / tag_for(4)
+    saved.mkdir(parents=True)
+    (saved / HARNESS_FILE).write_text(json.dumps({**state(4), "zero_stage": 1}))
+    cfg, note = choose_zero_stage(load_config(None, []), 1, ckpt)
+    assert (cfg.zero_stage, note) == (
+        1,
+        " (as the checkpoint it resumes; set zero_stage to choose)",
+    )
+    fresh = load_config(None, ["checkpoint.resume=never"])
+    assert choose_zero_stage(fresh, 1, ckpt)[0].zero_stage == 0

@@ -311,3 +311,36 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(training_runs, tmp
     assert runs.run_here(run_dir, 1, **{**extra, "train.max_steps": 3})["steps"] == 3
     assert len(runs.events(run_dir, "init_from")) == 1
     assert runs.events(run_dir, "resume")[-1]["step"] == 2
+
+
+@pytest.mark.slow
+def test_init_from_a_one_rank_zero0_checkpoint_on_two_zero2_ranks(tmp_path):
+    """ZeRO 0 keeps the optimizer state whole and ZeRO 2 in rank partitions, and neither reads
+    the other's (nor does DeepSpeed's universal form start from ZeRO 0): a 2-rank ZeRO-2
+    adam_spd fine-tune of a 1-rank ZeRO-0 run takes its weights with a fresh optimizer, and
+    says so in one line and in the `init_from` event."""
+    from checkpoint.export import consolidated_state_dict, find_checkpoint
+
+    source_run = tmp_path / "source"
+    result = runs.train(source_run, 0, **{"train.max_steps": 2})
+    assert result.returncode == 0, result.stderr[-3000:]
+    source = find_checkpoint(source_run, 2)
+    run_dir = tmp_path / "finetune"
+    extra = {
+        "checkpoint.init_from": source,
+        "train.max_steps": 2,
+        "optim.name": "adam_spd",
+        "optim.weight_decay": 0.5,
+    }
+    result = runs.train(run_dir, 2, world_size=2, **extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = [line for line in result.stdout.splitlines() if "checkpoint.init_from" in line]
+    assert said == [
+        f"checkpoint.init_from: {source} was saved on ZeRO 0, whose optimizer state ZeRO 2 "
+        "cannot read: its weights only, with a fresh optimizer"
+    ]
+    (started,) = runs.events(run_dir, "init_from")
+    assert (started["from_step"], started["optimizer_state"]) == (2, "fresh")
+    start = consolidated_state_dict(find_checkpoint(run_dir, 0))
+    assert all(torch.equal(start[k], v) for k, v in consolidated_state_dict(source).items())
+    assert sorted(runs.losses(run_dir)) == [1, 2]

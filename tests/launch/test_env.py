@@ -218,3 +218,24 @@ def test_torchrun_argv() -> None:
         "train.py",
         "a=1",
     ]
+
+
+@pytest.mark.parametrize(
+    ("environ", "ranks", "usable", "threads"),
+    [
+        ({"SLURM_CPUS_PER_TASK": "8"}, 8, 64, 8),  # the job's CPUs, one share per task
+        ({"SLURM_CPUS_PER_TASK": "8"}, 1, 4, 4),  # never more than the process may use
+        ({}, 4, 16, 4),  # torchrun-like: the usable CPUs shared among the node's ranks
+        ({}, 8, 4, 1),
+        ({"SLURM_CPUS_PER_TASK": ""}, 2, 6, 3),
+    ],
+)
+def test_omp_threads_come_from_the_cpus_this_process_may_use(environ, ranks, usable, threads):
+    assert env.omp_threads(environ, ranks, usable) == threads
+
+
+def test_omp_threads_read_the_affinity_not_the_core_count(monkeypatch):
+    """os.cpu_count() counts the node's cores; a cgroup or CPU binding allows fewer."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    assert env.omp_threads({}, 1) == 3

@@ -400,3 +400,32 @@ def test_sweep_is_one_job_array_whose_tasks_requeue_and_finished_runs_are_skippe
     assert sweep.main(argv) == 0  # again: every run has finished
     out = capsys.readouterr().out
     assert out.count("skip (finished)") == 4 and "nothing to do: every run has finished" in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "cpus", "mem"),
+    [
+        ({"gpus_per_node": 8, "nodes": 2}, 8, "512GB"),  # 8 GPU tasks x 64 GB
+        ({"tasks_per_node": 2, "cpus_per_task": 3}, 3, None),  # CPU tasks: as asked
+        ({"gpus_per_node": 4, "cpus_per_task": 12, "mem_gb": 200.0}, 12, "200GB"),
+    ],
+)
+def test_jobs_request_cpus_and_memory_per_task_by_default(
+    tmp_path: Path, flags: dict[str, Any], cpus: int, mem: str
+) -> None:
+    """SLURM gives a task one CPU unless asked: a GPU job asks, and --cpus-per-task / --mem
+    override the defaults. A CPU-only job asks only for what the flags say."""
+    options = slurm.LaunchOptions(executor="slurm", **flags)
+    parameters = slurm.make_executor(options, tmp_path, "job")._executor.parameters
+    assert (parameters.get("cpus_per_task"), parameters.get("mem")) == (cpus, mem)
+    cpu_only = slurm.LaunchOptions(executor="slurm", tasks_per_node=2)
+    parameters = slurm.make_executor(cpu_only, tmp_path, "job")._executor.parameters
+    assert "cpus_per_task" not in parameters and "mem" not in parameters
+
+
+def test_cli_help_names_the_resource_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        slurm.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: 8 per GPU task, the cluster's default without GPUs" in text
+    assert "default: 64G per GPU task, the cluster's default without GPUs" in text

@@ -74,11 +74,16 @@ def overrides(run_dir: Path, corpus: Path, **extra: object) -> list[str]:
 
 
 def run(run_dir: Path, corpus: Path, stop_step: int | None = None, **extra: object) -> dict:
-    """Train in this process (the caller holds the `dist_env` group); returns the summary."""
+    """Train in this process as `python train.py` does (the caller holds the `dist_env`
+    group): the run, then its diagnosis if it stopped and asks for one; returns the summary."""
     import trainer
     from configs import load_config
+    from postmortem.diagnose import diagnose_stop
 
-    return trainer.run(load_config(None, overrides(run_dir, corpus, **extra)), stop_step)
+    cfg = load_config(None, overrides(run_dir, corpus, **extra))
+    summary = trainer.run(cfg, stop_step)
+    diagnose_stop(cfg, summary)
+    return summary
 
 
 def blow_up_overrides(checkpoint_interval: int) -> dict[str, object]:

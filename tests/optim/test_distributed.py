@@ -84,6 +84,20 @@ def reference(out_dir) -> dict[int, float]:
 
 
 @pytest.mark.slow
+def test_global_batch_size_keeps_the_run_on_two_ranks(out_dir, reference):
+    """train.global_batch_size=8 with micro-batches of 2: 4 accumulation steps on one rank, 2 on
+    two. The two-rank run (ZeRO 2, overlap_comm on) trains like the 1-rank reference (4 x 2)."""
+    extra = {"train.global_batch_size": 8, "train.micro_batch_size": 2, "zero_stage": 2, **EMA}
+    proc = train(overrides(out_dir, "global", **extra), ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 x 16 x 2 accumulation x 2 ranks)" in proc.stdout
+    losses = train_losses(out_dir / "global")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, abs=1e-5), step
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_match_one_rank(out_dir, reference, stage):
     name = f"zero{stage}"

@@ -8,7 +8,16 @@ import torch
 from configs import ConfigError, load_config
 from model import GPT
 from model.tensor_core import TensorCoreBF16
-from optim.engine import UpdateGate, deepspeed_config, initialize, set_lr
+from optim import engine as engine_module
+from optim.engine import (
+    UpdateGate,
+    adam_choice,
+    build_optimizer,
+    deepspeed_config,
+    initialize,
+    set_lr,
+    with_global_batch,
+)
 from optim.groups import param_groups
 from tests.helpers import tiny_overrides
 
@@ -228,15 +237,106 @@ def test_deepspeed_config_is_explicit_and_extra_keys_checked():
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 4 * 3 * 2
     assert ds["gradient_clipping"] == cfg.optim.grad_clip
-    assert ds["zero_optimization"] == {"stage": 2}
+    assert ds["zero_optimization"] == {
+        "stage": 2,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 50_000_000,
+        "allgather_bucket_size": 50_000_000,
+    }
     assert ds["torch_autocast"]["enabled"] is False
+    # no device syncs of DeepSpeed's own timers at every forward and step
+    assert ds["timers"] == {"throughput": {"enabled": False}}
+    assert ds["wall_clock_breakdown"] is False
     cfg = load_config(None, tiny_overrides(**{"deepspeed.extra": {"gradient_clipping": 2.0}}))
     with pytest.raises(ConfigError, match="gradient_clipping"):
         deepspeed_config(cfg, 1)
-    cfg = load_config(
-        None,
-        tiny_overrides(**{"deepspeed.extra": {"zero_optimization": {"reduce_bucket_size": 1000}}}),
-    )
-    assert deepspeed_config(cfg, 1)["zero_optimization"]["reduce_bucket_size"] == 1000
+    extra = {"deepspeed.extra": {"zero_optimization": {"round_robin_gradients": True}}}
+    cfg = load_config(None, tiny_overrides(**extra))
+    assert deepspeed_config(cfg, 1)["zero_optimization"]["round_robin_gradients"] is True
+    extra = {"deepspeed.extra": {"zero_optimization": {"reduce_bucket_size": 1000}}}
+    with pytest.raises(ConfigError, match="set it through the harness's own config key"):
+        deepspeed_config(load_config(None, tiny_overrides(**extra)), 1)
     cfg = load_config(None, tiny_overrides(zero_stage=0))
     assert deepspeed_config(cfg, 1)["gradient_clipping"] == 0.0  # the gate clips on ZeRO 0
+    assert deepspeed_config(cfg, 1)["zero_optimization"] == {"stage": 0}
+    cfg = load_config(None, tiny_overrides(zero_stage=3, **{"deepspeed.bucket_elements": 4096}))
+    zero3 = deepspeed_config(cfg, 2)["zero_optimization"]
+    assert zero3["reduce_bucket_size"] == 4096 and "allgather_bucket_size" not in zero3
+
+
+def test_global_batch_size_derives_accumulation_or_says_what_to_change():
+    cfg = load_config(None, tiny_overrides(**{"train.global_batch_size": 32}))  # micro-batch 4
+    assert [with_global_batch(cfg, n).train.grad_accum_steps for n in (1, 2, 8)] == [8, 4, 1]
+    assert with_global_batch(load_config(None, tiny_overrides()), 2).train.grad_accum_steps == 1
+    with pytest.raises(ConfigError) as err:
+        with_global_batch(cfg, 3)
+    assert str(err.value) == (
+        "train.global_batch_size=32 is not a multiple of train.micro_batch_size x ranks = "
+        "4 x 3: change one of them"
+    )
+    both = {"train.global_batch_size": 32, "train.grad_accum_steps": 2}
+    with pytest.raises(ConfigError, match="grad_accum_steps=2 contradicts .* needs 4: leave"):
+        with_global_batch(load_config(None, tiny_overrides(**both)), 2)
+    assert (
+        with_global_batch(load_config(None, tiny_overrides(**both)), 4).train.grad_accum_steps == 2
+    )
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam_l2", "adamw_indep"])
+def test_adam_choice_torch_by_default_fused_adam_when_asked(name, monkeypatch):
+    """CPU: torch's foreach path (as before); CUDA: torch's fused kernel, no build; DeepSpeed's
+    FusedAdam only with optim.fused_adam=deepspeed, in the same decay mode."""
+    o = load_config(None, [f"optim.name={name}"]).optim
+    torch_cls = torch.optim.Adam if name == "adam_l2" else torch.optim.AdamW
+    assert adam_choice(o, "cpu") == (torch_cls, {"foreach": True})
+    assert adam_choice(o, "cuda") == (torch_cls, {"fused": True})
+
+    class FakeFusedAdam:
+        pass
+
+    monkeypatch.setattr(engine_module, "load_fused_adam", lambda: FakeFusedAdam)
+    asked = load_config(None, [f"optim.name={name}", "optim.fused_adam=deepspeed"]).optim
+    assert adam_choice(asked, "cuda") == (FakeFusedAdam, {"adam_w_mode": name != "adam_l2"})
+    assert adam_choice(asked, "cpu") == (torch_cls, {"foreach": True})
+
+
+def test_fused_adam_choice_is_validated():
+    with pytest.raises(ConfigError, match="optim.fused_adam.*'torch' or 'deepspeed'"):
+        load_config(None, ["optim.fused_adam=apex"])
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam_l2", "adamw_indep"])
+def test_fused_adam_build_failure_falls_back_to_torch(name, monkeypatch, capsys):
+    """A FusedAdam build that fails (no nvcc, say) costs one warning line, and the update is
+    torch's fused one, the same as optim.fused_adam=torch's to the bit. (A CPU runs torch's
+    fused kernel here; CUDA params are not needed to build or step it.)"""
+
+    def no_toolkit():
+        raise RuntimeError("Error building extension 'fused_adam'\nnvcc not found")
+
+    monkeypatch.setattr(engine_module, "load_fused_adam", no_toolkit)
+    overrides = tiny_overrides(**{"optim.name": name, "optim.weight_decay": 0.3})
+    updated = {}
+    for choice in ("deepspeed", "torch"):
+        cfg = load_config(None, [*overrides, f"optim.fused_adam={choice}"])
+        torch.manual_seed(0)
+        model = GPT(cfg.model)
+        optimizer = build_optimizer(
+            param_groups(model, cfg.optim.weight_decay), cfg, torch.device("cuda")
+        )
+        x, y = batches(1)[0]
+        model(x, y).loss.backward()
+        optimizer.step()
+        updated[choice] = [p.detach().clone() for p in model.parameters()]
+        warned = capsys.readouterr().err.splitlines()
+        if choice == "deepspeed":
+            adam = "Adam" if name == "adam_l2" else "AdamW"
+            assert warned == [
+                "warning: DeepSpeed's FusedAdam did not build (RuntimeError: Error building "
+                f"extension 'fused_adam'); using torch's fused {adam} "
+                "(optim.fused_adam=torch avoids the build)"
+            ]
+        else:
+            assert warned == []
+    assert all(map(torch.equal, updated["deepspeed"], updated["torch"]))

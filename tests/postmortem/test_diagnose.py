@@ -152,6 +152,7 @@ def test_one_off_gradient_corruption_is_transient(tmp_path, corpus):
     assert result["reproduce"] == {
         "reproduced": False,
         "exact": True,
+        "steps_replayed": [step],  # from step 20's checkpoint: the detection's step, compared
         "mismatches": [],
         "at_detection": result["reproduce"]["at_detection"],
     }

@@ -57,11 +57,12 @@ def bench_config(args: argparse.Namespace) -> TrainConfig:
         overrides.update(TINY)
     elif args.model in PRESETS:
         overrides.update({"model.size": args.model, "model.block_size": 1024})
-        overrides.update({"model.n_layer": "null", "model.n_head": "null", "model.n_embd": "null"})
     if args.zero_stage is not None:
         overrides["zero_stage"] = args.zero_stage
     if args.micro_batch_size is not None:
         overrides["train.micro_batch_size"] = args.micro_batch_size
+    if args.vocab_size is not None:  # e.g. GPT-2's 50304: the embedding's share of the step
+        overrides["model.vocab_size"] = args.vocab_size
     base, sweep_overrides = None, []
     if args.sweep:  # the sweep's model, batch and data; the flags above still apply
         from launch.sweep import load_sweep, override_text
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None)
     parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--vocab-size", type=int, default=None, help="model.vocab_size")
     parser.add_argument("--compile", action="store_true", help="torch.compile both (GPU)")
     parser.add_argument(
         "--sweep", help="time the base config of this sweep file (with --model default)"

@@ -26,3 +26,15 @@ def test_sweep_flag_times_the_sweeps_model() -> None:
     m = cfg.model
     assert (m.n_layer, m.n_embd, m.vocab_size, m.block_size) == (2, 64, 2048, 128)
     assert cfg.train.micro_batch_size == 32 and cfg.precision == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("args", "shape"),
+    [
+        (["--vocab-size", "50304"], (4, 128, 50304, 128)),  # issue 24's CPU comparison
+        (["--model", "gpt2"], (12, 768, 50304, 1024)),  # the preset replaces the file's shape
+    ],
+)
+def test_bench_model_flags(args, shape):
+    m = bench_config(build_parser().parse_args(args)).model
+    assert (m.n_layer, m.n_embd, m.vocab_size, m.block_size) == shape

@@ -22,6 +22,7 @@ import random
 import shutil
 import subprocess
 import sys
+import traceback
 import warnings
 import zlib
 from pathlib import Path
@@ -49,6 +50,7 @@ from checkpoint.layout import (
 from common.files import write_json_atomic, write_text_atomic
 
 _CHUNK_BYTES = 16 << 20
+_TORCH_WRITER = os.path.join("torch", "serialization.py")  # torch.save's module
 
 
 class OptimizerKind(TypedDict):
@@ -76,19 +78,19 @@ class CheckpointError(RuntimeError):
 
 def _write_failure(err: BaseException, directory: Path) -> str | None:
     """What made a save fail to write, in a few words, or None if `err` is not a failed write:
-    an OSError says it itself; torch's zip writer turns a short write into a RuntimeError of
-    its own ('PytorchStreamWriter failed writing', 'unexpected pos'), so the free space is
-    the evidence there."""
+    an OSError says it itself; torch's writer turns a short write into a RuntimeError of its
+    own whose text varies ('unexpected pos', 'iostream error', ...), so a RuntimeError raised
+    inside `torch.save` counts, with the disk's free space as the evidence."""
     if isinstance(err, OSError):
         return str(err)
-    text = str(err)
-    if "PytorchStreamWriter" not in text and "inline_container" not in text:
+    frames = traceback.extract_tb(err.__traceback__)
+    if not any(frame.filename.endswith(_TORCH_WRITER) for frame in frames):
         return None
     try:
         free = shutil.disk_usage(directory).free
     except OSError:
-        return "torch could not write the file"
-    return f"torch could not write the file; {free / 2**20:.1f} MiB free on that disk"
+        return f"torch could not write the file: {err}"
+    return f"torch could not write the file: {err}; {free / 2**20:.1f} MiB free on that disk"
 
 
 def _barrier() -> None:

@@ -19,6 +19,7 @@ from checkpoint.manager import (
     MANIFEST_FILE,
     Checkpointer,
     CheckpointError,
+    _write_failure,
     load_rng_file,
     needs_universal,
     rng_state,
@@ -455,3 +456,10 @@ def test_zero_stage_unset_is_zero_on_one_rank_and_the_resumed_stage_on_resume(tm
     )
     fresh = load_config(None, ["checkpoint.resume=never"])
     assert choose_zero_stage(fresh, 1, ckpt)[0].zero_stage == 0
+
+
+def test_only_a_failed_write_becomes_a_save_error(tmp_path):
+    """A RuntimeError from anywhere but torch's writer is a bug to see whole, not a full disk."""
+    assert _write_failure(RuntimeError("a bug"), tmp_path) is None
+    no_space = OSError(28, "No space left on device")
+    assert _write_failure(no_space, tmp_path) == "[Errno 28] No space left on device"

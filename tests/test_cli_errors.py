@@ -250,7 +250,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, finished_run: Path) -> Path
     (root / "nometrics" / "r1").mkdir(parents=True)
     shutil.copy(finished_run / "config.yaml", root / "nometrics" / "r1" / "config.yaml")
     shutil.copytree(finished_run, root / "damaged")
-    for states in (root / "damaged" / "checkpoints" / "step_00000005").glob("*optim_states.pt"):
+    for states in (root / "damaged" / "checkpoints" / "step_00000005").glob("*_states.pt"):
         states.write_bytes(states.read_bytes()[:100])
     return root
 

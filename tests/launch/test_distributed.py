@@ -104,7 +104,7 @@ def test_lost_peer_is_named_and_the_run_resumes(tmp_path, cpu_train_env, victim,
 
 
 def alive(pattern: str) -> list[int]:
-    """PIDs of the processes whose command line holds `pattern` (this test's run directory)."""
+    """PIDs of the processes whose command line holds `pattern`."""
     found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
     return [int(pid) for pid in found.split()]
 
@@ -134,10 +134,12 @@ def test_workers_of_a_killed_torchrun_save_and_stop(tmp_path, cpu_train_env):
         time.sleep(0.2)
     launcher.kill()
     launcher.wait()
+    workers = f"run.out_dir={tmp_path}"  # in each worker's command line
+    assert alive(workers), "no worker to watch"
     deadline = time.time() + WAIT_S
-    while alive(str(run_dir)) and time.time() < deadline:
+    while alive(workers) and time.time() < deadline:
         time.sleep(0.5)
-    assert alive(str(run_dir)) == [], "the workers trained on after torchrun was killed"
+    assert alive(workers) == [], "the workers trained on after torchrun was killed"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "preempted" and 3 <= summary["steps"] < 500
     assert latest_step(run_dir) == summary["steps"]

@@ -1,8 +1,9 @@
-"""Strict JSON and atomic file writes: the primitives of every record the harness keeps.
+"""Strict JSON, atomic file writes and the JSON-lines reader: the primitives of every record.
 
 The run record (`monitor/`), the checkpoints (`checkpoint/`) and the sweeps' plans (`launch/`)
 all write files that a reader (or a crash) may meet at any moment; here they share one way to
-write them. This module imports nothing of the harness, so any layer may use it.
+write them, and their readers one way to read an appended file whose writer may have died
+mid-line. This module imports nothing of the harness, so any layer may use it.
 """
 
 import json
@@ -57,3 +58,16 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """`write_text_atomic` of `data` as strict JSON (non-finite floats as 'nan', 'inf')."""
     write_text_atomic(path, json.dumps(json_safe(data), indent=2) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file, in order; a torn last line (a crash) is left out."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

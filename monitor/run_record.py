@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from common.files import json_safe, write_text_atomic
+from common.files import json_safe, read_jsonl, write_text_atomic
 from configs import flatten_config
 from configs.schema import TrainConfig
 from data.ngram import loss_floor
@@ -71,22 +71,14 @@ _NOT_RUN_KEYS = ("wandb.", "run.out_dir", "checkpoint.resume", "checkpoint.force
 def read_config_history(run_dir: Path) -> list[dict[str, Any]]:
     """config_history.jsonl: one line per start whose config changed, oldest first; each has
     the start's `step`, the `changed` keys (old, new), `force_resume` and the whole `config`."""
-    path = Path(run_dir) / CONFIG_HISTORY
-    lines = path.read_text().splitlines() if path.exists() else []
-    history = []
-    for line in lines:
-        try:
-            history.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line of a killed writer
-            continue
-    return history
+    return read_jsonl(Path(run_dir) / CONFIG_HISTORY)
 
 
-def config_in_force(run_dir: Path, step: int) -> dict[str, Any] | None:
-    """The config that trained `step` (the last one started before it), or None for a run made
-    before the history was kept."""
+def config_entry_at(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The history entry whose config trained `step` (the last start before it), or None for
+    a run made before the history was kept."""
     earlier = [entry for entry in read_config_history(run_dir) if entry["step"] < step]
-    return earlier[-1]["config"] if earlier else None
+    return earlier[-1] if earlier else None
 
 
 def changed_config(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, list]:

@@ -21,7 +21,6 @@ The recorded per-step losses come from the detection's evidence window and metri
 """
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -33,11 +32,12 @@ from typing import Any
 
 import trainer
 from checkpoint.config import CheckpointConfig
-from checkpoint.layout import KEEP_FILE, step_of
+from checkpoint.layout import KEEP_FILE, published, step_of
 from checkpoint.manager import Checkpointer, CheckpointError, read_harness
+from common.files import read_jsonl
 from configs import ConfigError, validate
 from configs.schema import TrainConfig
-from monitor.run_record import read_config_history
+from monitor.run_record import config_entry_at
 
 
 @dataclass(frozen=True)
@@ -54,19 +54,6 @@ class ReplayPlan:
     @property
     def out_dir(self) -> Path:
         return Path(self.cfg.run.out_dir) / self.cfg.run.name
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The objects of a JSON-lines file, in order; a torn last line (a crash) is left out."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def detections(run_dir: Path) -> list[dict[str, Any]]:
@@ -131,22 +118,20 @@ def _config_for(run_dir: Path, step: int, ckpt: Path) -> tuple[dict[str, Any], s
     run pinned for this detection. A run older than the history: the checkpoint's config."""
     pinned = any(
         f"detection at step {step}" in (path / KEEP_FILE).read_text()
-        for path in Checkpointer(run_dir, CheckpointConfig(), 0, 1).published()
+        for path in published(run_dir / "checkpoints")
         if (path / KEEP_FILE).is_file()
     )
     note = None if pinned else f"no checkpoint was kept for this detection; {ckpt.name} is used"
-    history = read_config_history(run_dir)
-    in_force = [entry for entry in history if entry["step"] < step]
-    if not in_force:
+    entry = config_entry_at(run_dir, step)
+    if entry is None:
         return read_harness(ckpt)["config"], note
-    start = in_force[-1]["step"]
-    if step_of(ckpt) < start:
+    if step_of(ckpt) < entry["step"]:
         raise ValueError(
             f"the newest checkpoint before step {step} ({ckpt.name}) is older than the config "
-            f"change at step {start}: a replay from it would cross that change (keep more "
-            "checkpoints, checkpoint.keep_last)"
+            f"change at step {entry['step']}: a replay from it would cross that change (keep "
+            "more checkpoints, checkpoint.keep_last)"
         )
-    return in_force[-1]["config"], note
+    return entry["config"], note
 
 
 def replay(run_dir: str | Path, index: int) -> ReplayPlan:

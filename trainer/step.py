@@ -4,7 +4,6 @@ Kept beside the trainer rather than inside it because the benchmarks (`bench/`) 
 telemetry tests time and check exactly these functions, with no run directory around them.
 """
 
-import time
 from typing import Any
 
 import torch
@@ -64,8 +63,3 @@ def metrics_line(
     """One metrics.jsonl line of a log step: the gate's scalars, then the telemetry."""
     line = {"step": step, "tokens": tokens, "loss": scalars.loss, "lr": lr}
     return {**line, "grad_norm": scalars.grad_norm, **telemetry}
-
-
-def event(step: int, kind: str, **fields: Any) -> dict[str, Any]:
-    """One events.jsonl record."""
-    return {"step": step, "kind": kind, "time": time.time(), **fields}

@@ -47,7 +47,7 @@ from optim.ema import WeightEMA
 from optim.engine import StepScalars, UpdateGate, initialize, set_lr, with_global_batch
 from optim.forms import form_metrics, mark_start
 from optim.schedule import lr_at
-from trainer.step import evaluate, event, metrics_line, train_step
+from trainer.step import evaluate, metrics_line, train_step
 
 
 def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
@@ -258,16 +258,13 @@ class Trainer:
         if resume_from:
             resume_path, state = self.ckpt.resume(self.engine, resume_from)
             self.adopt(state)
-            self.record.event(
-                event(
-                    self.step,
-                    "resume",
-                    path=str(resume_path),
-                    from_world_size=state["world_size"],
-                    universal=self.universal,
-                    reason=resume_reason(self.cfg, self.record.previous or None),
-                    skipped=self.ckpt.skipped,  # damaged ones passed over, set aside
-                )
+            self.emit(
+                "resume",
+                path=str(resume_path),
+                from_world_size=state["world_size"],
+                universal=self.universal,
+                reason=resume_reason(self.cfg, self.record.previous or None),
+                skipped=self.ckpt.skipped,  # damaged ones passed over, set aside
             )
             return
         if init_from is not None:
@@ -291,16 +288,13 @@ class Trainer:
             self.loader.load_state_dict(source["loader"])
         except DataError:
             pass  # another data order: it starts at its beginning
-        self.record.event(
-            event(
-                self.step,
-                "init_from",
-                path=str(path),
-                from_step=source["step"],
-                from_tokens=source["tokens"],
-                data_position=self.loader.position,
-                optimizer_state="loaded" if fits else "fresh",
-            )
+        self.emit(
+            "init_from",
+            path=str(path),
+            from_step=source["step"],
+            from_tokens=source["tokens"],
+            data_position=self.loader.position,
+            optimizer_state="loaded" if fits else "fresh",
         )
 
     # ------------------------------------------------------------------------------ the loop
@@ -359,9 +353,7 @@ class Trainer:
         if self.ema:
             self.ema.update()
         if not scalars.applied:
-            self.record.event(
-                event(self.step, "skip", loss=scalars.loss, grad_norm=scalars.grad_norm)
-            )
+            self.emit("skip", loss=scalars.loss, grad_norm=scalars.grad_norm)
         return scalars, output
 
     def log(self, lr: float, scalars: StepScalars, output: Any) -> None:
@@ -401,7 +393,7 @@ class Trainer:
         """The divergence policy's stop: the diverged state is kept beside, never resumed by
         default."""
         path = self.ckpt.save(self.engine, self.harness_state(), diverged=True)
-        self.record.event(event(self.step, "stop", path=str(path)))
+        self.emit("stop", path=str(path))
         return "diverged"
 
     def rollback(self) -> None:
@@ -411,22 +403,28 @@ class Trainer:
         self.adopt(self.ckpt.load(self.engine, good), rollback=True)
         skipped = self.cfg.divergence.rollback_skip_batches
         self.loader.skip(skipped)
-        self.record.event(
-            event(self.step, "rollback", path=str(good), to_step=self.step, skipped_batches=skipped)
-        )
+        self.emit("rollback", path=str(good), to_step=self.step, skipped_batches=skipped)
 
     def preempt(self) -> str:
         """SIGTERM/SIGUSR1 (preempted) or Ctrl-C (stopped): save, then leave the loop."""
         self.ckpt.save(self.engine, self.harness_state())
-        self.record.event(event(self.step, "preempt", signal=self.preemption.signal_name))
+        self.emit("preempt", signal=self.preemption.signal_name)
         return "stopped" if self.preemption.by_user else "preempted"
 
     def maybe_checkpoint(self) -> None:
         """A periodic checkpoint every `checkpoint.interval` steps."""
         interval = self.cfg.checkpoint.interval
         if interval and self.step % interval == 0:
-            path = self.ckpt.save(self.engine, self.harness_state())
-            self.record.event(event(self.step, "checkpoint", path=str(path)))
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Save a checkpoint of this step, and say so in a `checkpoint` event."""
+        path = self.ckpt.save(self.engine, self.harness_state())
+        self.emit("checkpoint", path=str(path))
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        """One events.jsonl record of this step."""
+        self.record.event({"step": self.step, "kind": kind, "time": time.time(), **fields})
 
     def finish(self, status: str) -> dict[str, Any]:
         """Save the final weights of a completed run (whatever the interval), write the
@@ -435,8 +433,7 @@ class Trainer:
         latest = self.ckpt.latest()
         completed = status == "completed" and self.stop_step is None
         if completed and (latest is None or step_of(latest) != self.step):
-            path = self.ckpt.save(self.engine, self.harness_state())
-            self.record.event(event(self.step, "checkpoint", path=str(path)))
+            self.checkpoint()  # the final weights, whatever the interval
         summary = self.record.summary(status=status, steps=self.step, watch=self.watch)
         self.record.close()
         return summary

@@ -193,7 +193,7 @@ def kill_tree(pid: int) -> None:
 
 def last_step(run_dir: Path) -> int:
     """The last step logged so far; a line the run is still writing is left out."""
-    from postmortem.replay import read_jsonl
+    from common.files import read_jsonl
 
     return max((record["step"] for record in read_jsonl(run_dir / "metrics.jsonl")), default=0)
 

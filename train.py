@@ -6,7 +6,8 @@
     python -m launch.slurm configs/gpt2_owt.yaml --nodes 4 --gpus-per-node 8  # SLURM
 
 Everything a run writes lands in <run.out_dir>/<run.name>/ (docs/run_directory.md). The run
-itself is `trainer.run`; this file is the command line around it.
+itself is `trainer.run`, under `heal.run` (which acts on a divergence stop: a diagnosis, or
+with `divergence.policy=heal` the heals); this file is the command line around it.
 """
 
 import os
@@ -17,9 +18,8 @@ from checkpoint.manager import CheckpointError
 from common.run_lock import RunLockError
 from configs import ConfigError, key_table, load_config
 from data.dataset import DataError
+from heal import run
 from launch.distributed import close_distributed, lost_peer_error
-from postmortem.diagnose import diagnose_stop
-from trainer import run
 
 USAGE = """python train.py [CONFIG.yaml] [section.key=value ...]
 
@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = args[1:] if path is not None else args
     try:
         cfg = load_config(path, overrides)
-        summary = run(cfg)
-        diagnose_stop(cfg, summary)  # `divergence.diagnose=true`: why the run was stopped
+        summary = run(cfg)  # and after a divergence stop: its diagnosis, or its heals
         close_distributed()
     except (ConfigError, CheckpointError, DataError, RunLockError) as err:
         print(f"{_rank_prefix()}error: {err}", file=sys.stderr)

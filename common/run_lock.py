@@ -66,6 +66,16 @@ class RunLock:
         self._beat.start()
         return self
 
+    def takeover_note(self) -> str | None:
+        """The line that says this lock was taken over from a holder that died, if it was."""
+        stale = self.took_over
+        if not stale:
+            return None
+        return (
+            f"run lock: took over from PID {stale.get('pid')} on {stale.get('host')}, which "
+            "ended without releasing it"
+        )
+
     def release(self) -> None:
         """Give the lock up, its note emptied; the file stays (removing it would let a waiter
         lock an inode no later start can see)."""

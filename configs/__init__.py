@@ -89,6 +89,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def with_changes(cfg: "TrainConfig", changes: dict[str, Any]) -> "TrainConfig":
+    """`cfg` with each dotted key of `changes` (`optim.lr`) set to its value, validated; the
+    keys the user left unset stay unset (a default chosen at start-up, as the ZeRO stage, is
+    still chosen)."""
+    data = cfg.model_dump(mode="json", exclude_unset=True)
+    for key, value in changes.items():
+        _set(data, key.split("."), value)
+    return validate(data)
+
+
 def _set(tree: dict[str, Any], path: list[str], value: Any) -> None:
     for part in path[:-1]:
         node = tree.setdefault(part, {})

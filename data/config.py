@@ -20,3 +20,8 @@ class DataConfig(Section):
         description="validation sequences per evaluation, in all ranks together: the same "
         "set on any world size",
     )
+    skip_batches: list[int] = Field(
+        default_factory=list,
+        description="global batches (loader positions, as a diagnosis names them) never "
+        "trained on: the loader moves past them; a heal adds the batch it blames",
+    )

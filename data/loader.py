@@ -12,7 +12,7 @@ sequence of global batches depends only on (data, block_size, seed, G), not on h
 across ranks and accumulation steps, and resuming needs only the position p.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,7 @@ class BatchLoader:
 
     `source` is a token file (usually `<dataset>/train.bin`) or an in-memory array of ids.
     Pass `device` to move batches there; `pin_memory=True` makes that copy asynchronous.
+    `skip`: global batches (positions) never read, each step moving on to the next one.
     """
 
     def __init__(
@@ -169,6 +170,7 @@ class BatchLoader:
         vocab_size: int = VOCAB_SIZE,
         device: torch.device | str | None = None,
         pin_memory: bool = False,
+        skip: Iterable[int] = (),
     ) -> None:
         _check_layout(
             block_size=block_size,
@@ -190,6 +192,7 @@ class BatchLoader:
         self._device = device
         self._pin_memory = pin_memory
         self._position = 0
+        self._skip = frozenset(skip)
         self._permutations: dict[int, np.ndarray] = {}
 
     @property
@@ -229,6 +232,8 @@ class BatchLoader:
     def next_step(self) -> list[Batch]:
         """This rank's `grad_accum_steps` micro-batches (x, y) for the next optimizer step."""
         per_rank = self.micro_batch_size * self.grad_accum_steps
+        while self._position in self._skip:
+            self._position += 1
         window_ids = self._window_ids(
             self._position * self.global_batch_size + self._rank_offset, per_rank
         )

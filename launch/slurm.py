@@ -207,14 +207,12 @@ class TrainTask(submitit.helpers.Checkpointable):
         return summary
 
     def train(self, config: TrainConfig) -> dict[str, Any]:
-        """`trainer.run`, imported late: torch and deepspeed load only inside the job; then, as
-        `python train.py` does, the diagnosis of a divergence stop when the config asks."""
-        import trainer
+        """`heal.run`, imported late: torch and deepspeed load only inside the job; as
+        `python train.py` does, it diagnoses or heals a divergence stop when the config asks."""
+        import heal
         from launch.distributed import close_distributed
-        from postmortem.diagnose import diagnose_stop
 
-        summary = trainer.run(config)
-        diagnose_stop(config, summary)
+        summary = heal.run(config)
         close_distributed()
         return summary
 

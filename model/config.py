@@ -34,6 +34,15 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
     qk_layernorm: bool = Field(False, description="LayerNorm on queries and keys (Wortsman et al.)")
     z_loss: float = Field(0.0, ge=0.0, description="coefficient of the log(Z)^2 auxiliary loss")
+    attn_softcap: float = Field(
+        0.0,
+        ge=0.0,
+        description="cap * tanh(logit / cap) on attention logits (Gemma 2); 0 off. On, attention "
+        "runs as explicit ops, not a flash kernel (nor its bf16 emulation)",
+    )
+    output_softcap: float = Field(
+        0.0, ge=0.0, description="cap * tanh(logit / cap) on the output logits (Gemma 2); 0 off"
+    )
 
     @model_validator(mode="after")
     def _fill_from_preset(self) -> "ModelConfig":

@@ -53,6 +53,7 @@ class CausalSelfAttention(nn.Module):
         head_size = config.n_embd // config.n_head
         self.q_ln = LayerNorm(head_size, config.bias) if config.qk_layernorm else None
         self.k_ln = LayerNorm(head_size, config.bias) if config.qk_layernorm else None
+        self.softcap = config.attn_softcap
 
     def forward(self, x: torch.Tensor, readings: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of x (B, T, C); with `readings` (4,), telemetry fills it (`_read_scores`)."""
@@ -65,28 +66,35 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_ln(q), self.k_ln(k)
         # SDPA never materialises the scores, so telemetry recomputes them; ordinary calls skip it
         if readings is not None:
-            self._read_scores(q, k, readings)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, nh, T, hs)
-        if readings is not None and y.requires_grad:  # delta needs dO: read in the backward
+            self._read_scores(q, k, readings, self.softcap)
+        dropout = self.dropout if self.training else 0.0
+        if self.softcap:
+            y = _softcapped_attention(q, k, v, self.softcap, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        # (B, nh, T, hs); delta needs dO, read in the backward: FA2's, so not when capped
+        if readings is not None and y.requires_grad and not self.softcap:
             y.register_hook(partial(_read_delta, q.detach(), k.detach(), v.detach(), readings))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble the heads
         return self.resid_dropout(self.c_proj(y))
 
     @staticmethod
     @torch.no_grad()
-    def _read_scores(q: torch.Tensor, k: torch.Tensor, readings: torch.Tensor) -> None:
-        """readings[0]: max |attention logit|, in fp32 so bf16 rounding does not hide growth;
-        readings[1]: the fraction of rows with a tie as FA2 sees it (two or more P_bar that
-        round to 1, from bf16 q and k: model/flash.py), over all heads and positions."""
+    def _read_scores(
+        q: torch.Tensor, k: torch.Tensor, readings: torch.Tensor, softcap: float = 0.0
+    ) -> None:
+        """readings[0]: max |attention logit| (after the soft cap, when on: what the softmax
+        sees), in fp32 so bf16 rounding does not hide growth; readings[1]: the fraction of rows
+        with a tie as FA2 sees it (two or more P_bar that round to 1, from bf16 q and k:
+        model/flash.py), over all heads and positions."""
         T = q.size(-2)
         scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
         # masked entries become 0, which never wins the max of absolute values
-        readings[0] = scores.abs().masked_fill(~causal, 0.0).amax()
+        readings[0] = _cap(scores, softcap).abs().masked_fill(~causal, 0.0).amax()
         fa2_scores = flash_scores(to_bf16(q.float()), to_bf16(k.float()), q.size(-1) ** -0.5, True)
-        readings[1] = tie_rows(fa2_scores).float().mean()
+        masked = fa2_scores.isinf()  # the cap would turn -inf into -cap
+        readings[1] = tie_rows(fa2_scores.where(masked, _cap(fa2_scores, softcap))).float().mean()
 
     @torch.no_grad()
     def qk_spectral_norms(self) -> torch.Tensor:
@@ -95,6 +103,24 @@ class CausalSelfAttention(nn.Module):
         C, nh = self.n_embd, self.n_head
         w_q, w_k = self.c_attn.weight[: 2 * C].float().view(2, nh, C // nh, C).unbind(0)
         return torch.linalg.matrix_norm(torch.stack([w_q, w_k]), ord=2)
+
+
+def _cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Soft-capping (Gemma 2): cap * tanh(x / cap), ~x well below the cap, never past it;
+    x itself when `cap` is 0 (off)."""
+    return cap * torch.tanh(x / cap) if cap else x
+
+
+def _softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float, dropout: float
+) -> torch.Tensor:
+    """Causal attention with soft-capped logits, as explicit ops: SDPA's kernels take no
+    function of the scores (a GPU would use FlexAttention's score_mod for this)."""
+    T = q.size(-2)
+    scores = _cap((q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5, cap)  # (B, nh, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
+    probs = torch.softmax(scores.float().masked_fill(~causal, -math.inf), dim=-1).to(v.dtype)
+    return F.dropout(probs, dropout) @ v  # (B, nh, T, hs)
 
 
 @torch.no_grad()
@@ -254,7 +280,9 @@ class GPT(nn.Module):
         )  # (n_layer, 4)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, None if readings is None else readings[layer])
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        logits = _cap(
+            self.lm_head(self.transformer.ln_f(x)), self.config.output_softcap
+        )  # (B, T, V)
 
         out = GPTOutput(logits=logits)
         if readings is not None:

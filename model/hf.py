@@ -156,6 +156,14 @@ def export_hf_state_dict(
             "HF GPT-2 has no qk-layernorm, so a model.qk_layernorm=True model cannot be exported "
             "to it; keep it as a harness checkpoint"
         )
+    caps = {"attn_softcap": config.attn_softcap, "output_softcap": config.output_softcap}
+    if any(caps.values()):
+        on = ", ".join(f"model.{key}={value:g}" for key, value in caps.items() if value)
+        raise ValueError(
+            f"HF GPT-2 has no logit soft-capping, so a model with {on} cannot be exported to it "
+            "(a heal may have switched it on: events.jsonl's `heal` events say when); keep it "
+            "as a harness checkpoint"
+        )
     wte = state_dict.get("transformer.wte.weight")
     head = state_dict.get("lm_head.weight")
     if wte is not None and head is not None and not torch.equal(wte, head):

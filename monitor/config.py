@@ -7,14 +7,43 @@ from pydantic import Field
 from configs.base import Section
 
 
+class HealConfig(Section):
+    """The remedies of `divergence.policy=heal`, each with its strength (heal/remedies.py holds
+    the table of which verdict takes which, in order)."""
+
+    max_heals: int = Field(5, ge=0, description="heals in one run before a detection stops it")
+    tries: int = Field(
+        2, ge=1, description="heals of one detection with one remedy before the next remedy"
+    )
+    cooldown_factor: float = Field(
+        0.1, gt=0.0, lt=1.0, description="lr cooldown: the multiplier of the scheduled lr"
+    )
+    cooldown_steps: int = Field(200, ge=1, description="lr cooldown: how many steps it lasts")
+    eps: float = Field(1e-6, gt=0.0, description="a higher Adam eps: at least this, else x10")
+    grad_clip: float = Field(1.0, gt=0.0, description="clipping switched on where it was off")
+    attn_softcap: float = Field(
+        50.0, gt=0.0, description="attention-logit soft cap switched on (Gemma 2's 50)"
+    )
+    output_softcap: float = Field(
+        30.0, gt=0.0, description="output-logit soft cap switched on (Gemma 2's 30)"
+    )
+    z_loss: float = Field(1e-4, gt=0.0, description="z-loss switched on (PaLM's 1e-4), else x10")
+    weight_decay: float = Field(
+        0.1, gt=0.0, description="weight decay raised to at least this, else doubled"
+    )
+    batches: int = Field(3, ge=1, description="other batches the diagnosis tries the step on")
+
+
 class DivergenceConfig(Section):
     enabled: bool = Field(
         True,
         description="run the detectors; off only to measure their cost (non-finite updates are "
         "withheld either way)",
     )
-    policy: Literal["record", "skip", "rollback", "stop"] = Field(
-        "record", description="what a detection does; recording always happens"
+    policy: Literal["record", "skip", "rollback", "stop", "heal"] = Field(
+        "record",
+        description="what a detection does; recording always happens; heal: diagnose, roll "
+        "back, apply the remedy and train on (docs/heal)",
     )
     window: int = Field(128, ge=8, description="rolling window of the spike detectors, in steps")
     spike_sigma: float = Field(6.0, gt=0.0, description="robust z-score that counts as a spike")
@@ -55,6 +84,7 @@ class DivergenceConfig(Section):
         False,
         description="after a divergence stop, run `postmortem.diagnose` on it (replays: minutes)",
     )
+    heal: HealConfig = Field(default_factory=HealConfig, description="policy heal's remedies")
 
 
 class TelemetryConfig(Section):

@@ -15,7 +15,7 @@ from monitor.detectors import Detection
 if TYPE_CHECKING:
     from monitor.config import DivergenceConfig
 
-PolicyName = Literal["record", "skip", "rollback", "stop"]
+PolicyName = Literal["record", "skip", "rollback", "stop", "heal"]
 
 # Detections a skipped step undoes: the outlier is this step's batch and its update, so not
 # applying that update removes it. Drift, attention-logit and output-logit growth build up over
@@ -52,6 +52,8 @@ class DivergencePolicy:
       else RECORD (drift and logit growth cannot be undone by skipping one step).
     - rollback: ROLLBACK on any detection, at most `max_rollbacks` times, then STOP.
     - stop: STOP on any detection.
+    - heal: STOP on any detection, as stop does: the diagnosis and the remedy need the run's
+      files closed and replay from its kept checkpoint (`heal.run` acts after the stop).
 
     The rollback count must outlive the rollback itself: restore the detectors from the
     checkpoint, but not this policy, or a run that keeps diverging would roll back forever.

@@ -7,6 +7,19 @@ from pydantic import Field, model_validator
 from configs.base import Section
 
 
+class Cooldown(Section):
+    """The learning rate times `factor` for `steps` steps from step `start`, then the schedule
+    again: a heal's remedy for an update that blew up (`divergence.heal`)."""
+
+    start: int = Field(ge=0, description="the first step it lowers (a step count, as lr_at's)")
+    steps: int = Field(ge=1, description="how many steps it lasts")
+    factor: float = Field(gt=0.0, le=1.0, description="the multiplier of the scheduled lr")
+
+    def factor_at(self, step: int) -> float:
+        """The multiplier this cooldown puts on the lr of `step`."""
+        return self.factor if self.start <= step < self.start + self.steps else 1.0
+
+
 class OptimConfig(Section):
     name: Literal["adamw", "adam_l2", "adamw_indep", "adamp", "adam_spd"] = Field(
         "adamw", description="decay form; docs/engine.md says what weight_decay means in each"
@@ -16,6 +29,10 @@ class OptimConfig(Section):
     warmup_steps: int = Field(20, ge=0, description="linear warmup from 0 to lr, in steps")
     schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="after warmup: cosine to min_lr, or constant at lr"
+    )
+    cooldowns: list[Cooldown] = Field(
+        default_factory=list,
+        description="stretches of lowered lr on top of the schedule (heals add them)",
     )
     weight_decay: float = Field(0.1, ge=0.0, description="λ on matrices and embeddings only")
     l2_form: Literal["grad", "loss"] = Field(

@@ -444,10 +444,11 @@ def append_event(run_dir: Path, result: dict[str, Any], out: Path) -> None:
         "mechanism": result["mechanisms"][0]["name"],
         "report": str(out / "report.md"),
     }
-    _append(run_dir, record)
+    append_record(run_dir, record)
 
 
-def _append(run_dir: Path, record: dict[str, Any]) -> None:
+def append_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one line to the run's events.jsonl (the record is never rewritten)."""
     with open(run_dir / "events.jsonl", "a") as f:
         f.write(json.dumps(json_safe(record)) + "\n")
 
@@ -459,9 +460,9 @@ def after_stop(run_dir: Path, step: int) -> None:
     recorded as a failed `diagnosis` event and a warning, never raised: the run's record and
     status stay as they are.
     """
-    found = replay.detections(run_dir)
-    index = next((i for i, e in enumerate(found) if e["step"] == step), len(found) - 1)
+    index = None
     try:
+        index = replay.stopping_detection(run_dir)
         result = diagnose(run_dir, index)
         if _rank() == 0:
             print(result["summary"], flush=True)
@@ -470,7 +471,7 @@ def after_stop(run_dir: Path, step: int) -> None:
         if _rank() == 0:
             print(f"warning: the diagnosis of {run_dir} failed: {message}", file=sys.stderr)
             record = {"step": step, "kind": "diagnosis", "time": time.time(), "event": index}
-            _append(run_dir, {**record, "status": "failed", "error": message})
+            append_record(run_dir, {**record, "status": "failed", "error": message})
 
 
 def diagnose_stop(cfg: TrainConfig, summary: dict[str, Any]) -> None:

@@ -39,6 +39,9 @@ from configs import ConfigError, validate
 from configs.schema import TrainConfig
 from monitor.run_record import config_entry_at
 
+# Events after which a run's steps repeat on another trajectory.
+_TRAJECTORY_ENDS = ("rollback", "heal")
+
 
 @dataclass(frozen=True)
 class ReplayPlan:
@@ -59,6 +62,22 @@ class ReplayPlan:
 def detections(run_dir: Path) -> list[dict[str, Any]]:
     """The detection events of a run (those with a `metric`), in file order."""
     return [e for e in read_jsonl(Path(run_dir) / "events.jsonl") if "metric" in e]
+
+
+def stopping_detection(run_dir: str | Path) -> int:
+    """K of the detection that stopped the run last (the first of its step's detections, which
+    the `stop` event follows); after a heal's rollback the same step may hold earlier ones."""
+    events = read_jsonl(Path(run_dir) / "events.jsonl")
+    stops = [i for i, e in enumerate(events) if e["kind"] == "stop"]
+    if not stops:
+        raise ValueError(f"{run_dir} has no `stop` event: no detection stopped it")
+    step, first = events[stops[-1]]["step"], stops[-1]
+    while first > 0 and events[first - 1]["step"] == step and events[first - 1]["kind"] != "stop":
+        first -= 1
+    at_stop = [i for i in range(first, stops[-1]) if "metric" in events[i]]
+    if not at_stop:
+        raise ValueError(f"{run_dir}'s stop at step {step} follows no detection of that step")
+    return sum("metric" in e for e in events[: at_stop[0]])
 
 
 def plan(run_dir: str | Path, index: int) -> ReplayPlan:
@@ -152,16 +171,16 @@ def recorded_values(run_dir: str | Path, index: int, key: str) -> dict[int, floa
     """The run's `key` (loss, grad_norm) at each step on the trajectory to detection `index`.
 
     From the detection's evidence window (every step) and metrics.jsonl (log steps). After a
-    rollback steps repeat: only the lines written between the rollbacks around the detection
-    count, by their `time`.
+    rollback or a heal steps repeat: only the lines written between the rollbacks or heals
+    around the detection count, by their `time`.
     """
     run_dir = Path(run_dir)
     events = read_jsonl(run_dir / "events.jsonl")
     found = [i for i, e in enumerate(events) if "metric" in e]
     position = found[index]
     event = events[position]
-    before = [e["time"] for e in events[:position] if e["kind"] == "rollback"]
-    after = [e["time"] for e in events[position:] if e["kind"] == "rollback"]
+    before = [e["time"] for e in events[:position] if e["kind"] in _TRAJECTORY_ENDS]
+    after = [e["time"] for e in events[position:] if e["kind"] in _TRAJECTORY_ENDS]
     start, end = (before[-1] if before else -math.inf), (after[0] if after else math.inf)
     values = {}
     for line in read_jsonl(run_dir / "metrics.jsonl"):

@@ -27,7 +27,7 @@ LAYERS: list[list[str]] = [
     ["optim"],
     ["monitor", "checkpoint"],
     ["trainer"],
-    ["postmortem", "bench", "experiments", "launch"],
+    ["postmortem", "bench", "experiments", "launch", "heal"],
     ["train"],
 ]
 PACKAGES = {name.split(".")[0] for layer in LAYERS for name in layer}

@@ -50,18 +50,19 @@ from optim.schedule import lr_at
 from trainer.step import evaluate, metrics_line, train_step
 
 
-def run(cfg: TrainConfig, stop_step: int | None = None) -> dict[str, Any]:
+def run(cfg: TrainConfig, stop_step: int | None = None, locked: bool = False) -> dict[str, Any]:
     """Train `cfg` to the end (or to a divergence stop or preemption); return the summary.
 
     `stop_step` ends the loop after that step without changing the run itself (the LR schedule
     still follows `train.max_steps`); `postmortem.replay` re-runs a stretch of a run with it.
+    `locked`: the caller holds the run's lock (`heal.run`, across the restarts of its heals).
     A run already complete at `train.max_steps` is left as it is. On any exception the run
     record is closed with status `failed` and the error (see `RunRecord.fail`).
     """
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
     cfg = with_global_batch(cfg, env.world_size)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    lock = hold_run_lock(run_dir, env)  # before anything is read or written
+    lock = None if locked else hold_run_lock(run_dir, env)  # before anything is read or written
     try:
         return _run(cfg, env, run_dir, lock, stop_step)
     finally:
@@ -103,11 +104,7 @@ def _run(
     data_dir = resolve_dataset(cfg.data)  # before the record: it notes the data's loss floor
     record = RunRecord(run_dir, cfg, env, data_dir, previous)
     if lock is not None and lock.took_over:
-        stale = lock.took_over
-        record.message(
-            f"run lock: took over from PID {stale.get('pid')} on {stale.get('host')}, which "
-            "ended without releasing it"
-        )
+        record.message(lock.takeover_note())
     try:
         universal = loads_universal(cfg, env, resume_from, init_from)
         trainer = Trainer(cfg, env, ckpt, record, data_dir, universal, stop_step, zero_note)
@@ -194,6 +191,7 @@ class Trainer:
             data_dir / "train.bin",
             grad_accum_steps=cfg.train.grad_accum_steps,
             seed=cfg.run.seed,
+            skip=cfg.data.skip_batches,
             **shape,
         )
         self.val_batches = validation_batches(

@@ -1,0 +1,244 @@
+"""`divergence.policy=heal` end to end on real tiny runs: each known cause made as
+tests/postmortem/test_diagnose.py makes it, diagnosed, rolled back, remedied, trained on.
+
+- a poisoned batch: skipped, the final validation loss within 0.02 nat of a clean run;
+- an lr blow-up: an lr cooldown, and the run completes;
+- attention logits growing at high lr in bf16 without decay: soft-capped;
+- a one-off NaN gradient: retried unchanged;
+- a machine that does not replay the run exactly: undiagnosable, so the run stops, with why;
+- 2 ranks under ZeRO 3 (torchrun), and a SIGKILL in the middle of a heal, then a resume that
+  ends bitwise where the uninterrupted run ends.
+"""
+
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+import heal
+from configs import load_config
+from monitor.run_record import read_config_history
+from tests.checkpoint.runs import env
+from tests.helpers import ROOT
+from tests.monitor import runs
+from tests.postmortem.test_diagnose import POISONED, poisoned_corpus
+
+pytestmark = pytest.mark.usefixtures("dist_env", "one_thread")
+
+# 20 healthy steps, then lr 3 at once (runs.LR_BLOW_UP); the cooldown takes it to 0.03
+LR_HEAL = {
+    **runs.LR_BLOW_UP,
+    "checkpoint.force_resume": True,
+    "checkpoint.interval": 10,
+    "train.max_steps": 40,
+    "divergence.policy": "heal",
+    "divergence.heal.cooldown_factor": 0.01,
+    "divergence.heal.cooldown_steps": 100,
+}
+
+
+def heal_run(run_dir: Path, corpus: Path, **extra: object) -> dict:
+    """`python train.py` in this process: `heal.run` on the test run's overrides."""
+    return heal.run(load_config(None, runs.overrides(run_dir, corpus, **extra)))
+
+
+def heals(run_dir: Path) -> list[dict]:
+    return runs.events(run_dir, "heal")
+
+
+def test_an_lr_blow_up_is_healed_by_a_cooldown_and_the_run_completes(tmp_path, corpus):
+    run_dir = tmp_path / "lr"
+    runs.run(run_dir, corpus, 20, **{"checkpoint.interval": 10})
+    summary = heal_run(run_dir, corpus, **LR_HEAL)
+
+    assert (summary["status"], summary["steps"]) == ("completed", 40)
+    (healed,) = heals(run_dir)
+    detected = runs.detections(run_dir)
+    assert healed["step"] == detected[0]["step"] > 20 and healed["detection"]["kind"]
+    assert (healed["action"], healed["cause"], healed["mechanism"]) == (
+        "heal",
+        "state",
+        "optimizer",
+    )
+    assert healed["remedy"] == "lr_cooldown" and healed["rollback_to"] == 20
+    assert healed["steps_lost"] == healed["step"] - 20 and healed["minutes"] > 0
+    cooldown = {"start": 20, "steps": 100, "factor": 0.01}
+    assert healed["changes"] == {"optim.cooldowns": [[], [cooldown]]}
+    assert Path(healed["diagnosis"]).is_file()
+    # no detection after the heal; the diverged state is kept beside the checkpoints
+    assert all(e["time"] < healed["time"] for e in detected)
+    assert (run_dir / "checkpoints" / f"diverged_step_{healed['step']:08d}").is_dir()
+    lines = runs.metrics(run_dir)
+    assert lines[21]["lr"] == pytest.approx(0.03) and lines[40]["lr"] == pytest.approx(0.03)
+    assert math.isfinite(lines[40]["loss"]) and lines[40]["loss"] < lines[20]["loss"] + 0.5
+    # the remedy is the config in force from step 20 on: a replay or a resume runs it
+    last = read_config_history(run_dir)[-1]
+    assert last["step"] == 20 and last["changed"] == {"optim.cooldowns": [[], [cooldown]]}
+    assert last["config"]["optim"]["cooldowns"] == [cooldown]
+
+
+def test_a_poisoned_batch_is_skipped_and_the_run_ends_as_a_clean_one(tmp_path, corpus):
+    data, _ = poisoned_corpus(corpus, tmp_path / "data", POISONED, 8)
+    knobs = {"train.max_steps": POISONED + 20, "checkpoint.interval": 20}
+    clean = runs.run(tmp_path / "clean", corpus, **knobs)
+    summary = heal_run(tmp_path / "run", data, **knobs, **{"divergence.policy": "heal"})
+
+    assert summary["status"] == "completed" and summary["steps"] == POISONED + 20
+    (healed,) = heals(tmp_path / "run")
+    assert (healed["step"], healed["cause"], healed["remedy"]) == (POISONED, "data", "skip_batch")
+    position = POISONED - 1  # the loader position of step POISONED's batch
+    assert healed["changes"] == {"data.skip_batches": [[], [position]]}
+    assert (healed["rollback_to"], healed["steps_lost"]) == (120, 20)
+    assert abs(summary["final_val_loss"] - clean["final_val_loss"]) < 0.02
+
+
+def test_attention_logits_at_high_lr_in_bf16_are_soft_capped(tmp_path, corpus):
+    """bf16, lr 0.1, no decay (the diagnosis test's attention case): the logits cross 1,000;
+    the heal caps them below the detector's threshold and the run trains to its end."""
+    run_dir = tmp_path / "attn"
+    knobs = {
+        "precision": "bf16",
+        "optim.lr": 0.1,
+        "optim.weight_decay": 0.0,
+        "optim.schedule": "constant",
+        "checkpoint.interval": 10,
+        "divergence.policy": "heal",
+        "train.max_steps": 150,
+    }
+    summary = heal_run(run_dir, corpus, **knobs)
+    assert summary["status"] == "completed"
+    (healed,) = heals(run_dir)
+    assert (healed["mechanism"], healed["remedy"]) == ("attention", "attn_softcap")
+    (cap,) = [new for _, new in healed["changes"].values()]
+    assert 50 <= cap <= 900  # twice the logits at the rollback, below 0.9 x the threshold
+    after = [line for s, line in runs.metrics(run_dir).items() if s > healed["rollback_to"]]
+    assert all(line["attn_logit_max"] <= cap for line in after)
+    assert all(math.isfinite(line["loss"]) for line in after)
+
+
+def test_a_one_off_nan_gradient_is_retried_unchanged(tmp_path, corpus):
+    run_dir = tmp_path / "nan"
+    runs.run(run_dir, corpus, 20, **{"checkpoint.interval": 10})
+    with runs.nan_in_the_next_gradient():
+        summary = heal_run(run_dir, corpus, **{"divergence.policy": "heal", "train.max_steps": 30})
+    assert summary["status"] == "completed"
+    (healed,) = heals(run_dir)
+    assert (healed["step"], healed["detection"]["kind"]) == (21, "nonfinite")
+    assert (healed["cause"], healed["remedy"], healed["changes"]) == ("transient", "retry", {})
+    assert math.isfinite(runs.metrics(run_dir)[21]["grad_norm"])
+
+
+@contextmanager
+def a_flaky_machine(step: int) -> Iterator[None]:
+    """Training forwards from now on scale the loss by 1 + 1e-5 until the `step`-th, whose
+    gradient gets a NaN: a machine whose arithmetic is not the replay's, then a fault."""
+    from model import GPT
+
+    calls = [0]
+
+    def flaky(module, args, output):
+        if not (isinstance(module, GPT) and module.training):
+            return None
+        calls[0] += 1
+        if calls[0] == step:
+            handle.remove()
+            output.logits.register_hook(lambda g: g.index_put((torch.tensor(0),), g[0] * math.nan))
+            return None
+        output.loss = output.loss * (1 + 1e-5)
+        return output
+
+    handle = torch.nn.modules.module.register_module_forward_hook(flaky)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_a_detection_the_diagnosis_cannot_explain_stops_the_run_with_the_reason(
+    tmp_path, corpus, capsys
+):
+    run_dir = tmp_path / "flaky"
+    runs.run(run_dir, corpus, 20, **{"checkpoint.interval": 10})
+    with a_flaky_machine(step=4):  # steps 21-23 shifted, a NaN at step 24
+        summary = heal_run(run_dir, corpus, **{"divergence.policy": "heal", "train.max_steps": 30})
+    assert (summary["status"], summary["steps"]) == ("diverged", 24)
+    (stopped,) = heals(run_dir)
+    assert (stopped["action"], stopped["mechanism"]) == ("stop", "undetermined")
+    assert stopped["reason"].startswith("the diagnosis could not tell the cause")
+    assert "not exact on this machine" in stopped["reason"]
+    assert "stopping, because the diagnosis could not tell" in capsys.readouterr().out
+
+
+def test_max_heals_stops_without_a_diagnosis(tmp_path, corpus):
+    run_dir = tmp_path / "bounded"
+    runs.run(run_dir, corpus, 20, **{"checkpoint.interval": 10})
+    summary = heal_run(run_dir, corpus, **{**LR_HEAL, "divergence.heal.max_heals": 0})
+    assert summary["status"] == "diverged"
+    (stopped,) = heals(run_dir)
+    assert stopped["action"] == "stop" and "max_heals=0" in stopped["reason"]
+    assert not list(run_dir.glob("diagnosis-*"))
+
+
+def test_two_ranks_zero3_heal_a_poisoned_batch(tmp_path, corpus):
+    """torchrun, 2 ranks, ZeRO 3: the same heal on every rank (the diagnosis replays on both),
+    and the run completes past the skipped batch."""
+    data, _ = poisoned_corpus(corpus, tmp_path / "data", POISONED, 8)
+    run_dir = tmp_path / "ranks"
+    knobs = {
+        "zero_stage": 3,
+        "train.micro_batch_size": 4,
+        "train.max_steps": POISONED + 5,
+        "checkpoint.interval": 100,
+        "divergence.policy": "heal",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command += ["train.py", *runs.overrides(run_dir, data, **knobs)]
+    done = subprocess.run(
+        command, cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert runs.summary(run_dir)["status"] == "completed"
+    (healed,) = heals(run_dir)
+    assert (healed["cause"], healed["remedy"]) == ("data", "skip_batch")
+    assert healed["changes"] == {"data.skip_batches": [[], [POISONED - 1]]}
+
+
+def cli(run_dir: Path, corpus: Path, **extra: object) -> list[str]:
+    return [sys.executable, "train.py", *runs.overrides(run_dir, corpus, **extra)]
+
+
+def test_a_sigkill_during_a_heal_then_a_resume_ends_bitwise_as_the_uninterrupted_run(
+    tmp_path, corpus
+):
+    """The heal is killed in its diagnosis (after the stop, before the heal event); rerunning
+    the command takes the stale lock over, meets the detection again, heals it, and ends on
+    the uninterrupted run's last loss bit for bit (CPU, fp32)."""
+    finals = {}
+    for name in ("whole", "killed"):
+        run_dir = tmp_path / name
+        healthy = cli(run_dir, corpus, **{"checkpoint.interval": 10, "train.max_steps": 20})
+        assert subprocess.run(healthy, cwd=ROOT, env=env(1), capture_output=True).returncode == 0
+        command = cli(run_dir, corpus, **LR_HEAL)
+        if name == "killed":
+            proc = subprocess.Popen(command, cwd=ROOT, env=env(1), stdout=subprocess.DEVNULL)
+            deadline = time.time() + 300
+            while not (run_dir / "diagnosis-0" / "reproduce").exists():
+                assert proc.poll() is None and time.time() < deadline
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert not heals(run_dir) and runs.events(run_dir, "stop")
+        done = subprocess.run(command, cwd=ROOT, env=env(1), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        finals[name] = runs.metrics(run_dir)[40]["loss"]
+        assert runs.summary(run_dir)["status"] == "completed"
+        assert [e["remedy"] for e in heals(run_dir)] == ["lr_cooldown"]
+    assert "took over" in done.stdout
+    assert finals["killed"] == finals["whole"]

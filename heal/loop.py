@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import trainer
 from checkpoint import layout
-from common.files import read_jsonl
+from common.files import read_jsonl, write_json_atomic
 from configs import with_changes
 from configs.schema import TrainConfig
 from heal.remedies import Remedy, Situation, choose
@@ -57,14 +57,29 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         resume = None
         while True:
             summary = trainer.run(with_heals(cfg, run_dir, resume), locked=True)
-            if summary["status"] != "diverged":
-                return summary
-            resume = heal(with_heals(cfg, run_dir), run_dir, summary["steps"])
-            if resume is None:
-                return summary
+            if summary["status"] == "diverged":
+                resume = heal(with_heals(cfg, run_dir), run_dir, summary["steps"])
+            if summary["status"] != "diverged" or resume is None:
+                return count_heals(run_dir, summary, env.is_main)
     finally:
         if lock is not None:
             lock.release()
+
+
+def count_heals(run_dir: Path, summary: dict[str, Any], writer: bool) -> dict[str, Any]:
+    """The summary with `heals` and the detections of every trajectory: each heal resumed a
+    checkpoint whose watch had not seen the detections after it (`writer`: rank 0 writes)."""
+    events = read_jsonl(run_dir / "events.jsonl")
+    detections = [e["step"] for e in events if "metric" in e]
+    summary = {
+        **summary,
+        "heals": len(heals_of(run_dir)),
+        "divergences": len(detections),
+        "first_divergence_step": min(detections, default=None),
+    }
+    if writer:
+        write_json_atomic(run_dir / "summary.json", summary)
+    return summary
 
 
 def heals_of(run_dir: Path) -> list[dict[str, Any]]:
@@ -93,8 +108,10 @@ def heal(cfg: TrainConfig, run_dir: Path, step: int) -> Path | None:
     """Diagnose the detection that stopped the run at `step` and pick its remedy; record the
     heal (or the reason to stop) as an event. Returns the checkpoint to resume, or None."""
     began = time.time()
+    if dist.is_initialized():  # rank 0 has written the stop: every rank reads the same files
+        dist.barrier()
     heals = heals_of(run_dir)
-    index = replay.stopping_detection(run_dir)
+    index = replay.stopping_detection(run_dir, step)
     detection = replay.detections(run_dir)[index]
     record = {"step": step, "kind": "heal", "event": index, "detection": _brief(detection)}
     if len(heals) >= cfg.divergence.heal.max_heals:  # no diagnosis to pay for

@@ -86,21 +86,14 @@ def remedy(name: str, at: Situation) -> Remedy | None:
         new = h.eps if o.eps < h.eps else 10 * o.eps
         return _change(name, f"Adam eps {o.eps:g} -> {new:g}", "optim.eps", o.eps, new)
     if name == "grad_clip":
-        if o.grad_clip > 0:
-            return None
-        text = f"clip the grad norm at {h.grad_clip:g}"
-        return _change(name, text, "optim.grad_clip", o.grad_clip, h.grad_clip)
+        return _switch_on(name, "clip the grad norm", "optim.grad_clip", o.grad_clip, h.grad_clip)
     if name == "attn_softcap":
-        if m.attn_softcap > 0:
-            return None
         cap = softcap_for(at.attn_logit_max, h.attn_softcap, cfg.divergence.attn_logit_max)
-        text = f"soft-cap the attention logits at {cap:g}"
-        return _change(name, text, "model.attn_softcap", m.attn_softcap, cap)
+        what = "soft-cap the attention logits"
+        return _switch_on(name, what, "model.attn_softcap", m.attn_softcap, cap)
     if name == "output_softcap":
-        if m.output_softcap > 0:
-            return None
-        text = f"soft-cap the output logits at {h.output_softcap:g}"
-        return _change(name, text, "model.output_softcap", m.output_softcap, h.output_softcap)
+        what = "soft-cap the output logits"
+        return _switch_on(name, what, "model.output_softcap", m.output_softcap, h.output_softcap)
     if name == "z_loss":
         new = h.z_loss if m.z_loss < h.z_loss else 10 * m.z_loss
         return _change(name, f"z-loss {m.z_loss:g} -> {new:g}", "model.z_loss", m.z_loss, new)
@@ -122,6 +115,11 @@ def softcap_for(logit_max: float | None, least: float, threshold: float) -> floa
 
 def _change(name: str, text: str, key: str, old: Any, new: Any) -> Remedy:
     return Remedy(name, text, {key: [old, new]})
+
+
+def _switch_on(name: str, what: str, key: str, old: float, new: float) -> Remedy | None:
+    """Turn on, at `new`, what is off (0); None where it is on already."""
+    return None if old > 0 else _change(name, f"{what} at {new:g}", key, old, new)
 
 
 def choose(

@@ -462,7 +462,7 @@ def after_stop(run_dir: Path, step: int) -> None:
     """
     index = None
     try:
-        index = replay.stopping_detection(run_dir)
+        index = replay.stopping_detection(run_dir, step)
         result = diagnose(run_dir, index)
         if _rank() == 0:
             print(result["summary"], flush=True)

@@ -64,20 +64,23 @@ def detections(run_dir: Path) -> list[dict[str, Any]]:
     return [e for e in read_jsonl(Path(run_dir) / "events.jsonl") if "metric" in e]
 
 
-def stopping_detection(run_dir: str | Path) -> int:
-    """K of the detection that stopped the run last (the first of its step's detections, which
-    the `stop` event follows); after a heal's rollback the same step may hold earlier ones."""
+def stopping_detection(run_dir: str | Path, step: int) -> int:
+    """K of the detection that stopped the run at `step`: the first of the newest stretch of
+    that step's detections (after a heal's rollback an earlier trajectory may have detections
+    at the same step; a `stop`, `heal` or `resume` event lies between the two)."""
     events = read_jsonl(Path(run_dir) / "events.jsonl")
-    stops = [i for i, e in enumerate(events) if e["kind"] == "stop"]
-    if not stops:
-        raise ValueError(f"{run_dir} has no `stop` event: no detection stopped it")
-    step, first = events[stops[-1]]["step"], stops[-1]
-    while first > 0 and events[first - 1]["step"] == step and events[first - 1]["kind"] != "stop":
+    at_step = [i for i, e in enumerate(events) if "metric" in e and e["step"] == step]
+    if not at_step:
+        raise ValueError(f"{run_dir} has no detection at step {step}, where it stopped")
+    first = at_step[-1]
+    while first > 0 and events[first - 1]["step"] == step and _of_one_step(events[first - 1]):
         first -= 1
-    at_stop = [i for i in range(first, stops[-1]) if "metric" in events[i]]
-    if not at_stop:
-        raise ValueError(f"{run_dir}'s stop at step {step} follows no detection of that step")
-    return sum("metric" in e for e in events[: at_stop[0]])
+    return sum("metric" in e for e in events[:first])
+
+
+def _of_one_step(event: dict[str, Any]) -> bool:
+    """Whether `event` is one a training step writes (a detection, or its withheld update)."""
+    return "metric" in event or event["kind"] == "skip"
 
 
 def plan(run_dir: str | Path, index: int) -> ReplayPlan:

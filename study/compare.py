@@ -150,6 +150,18 @@ def _mark_detections(ax: Axes, run: Run, steps: np.ndarray, line: np.ndarray, co
         ax.plot(event["step"], min(max(y, low), high), marker, color=color, ms=8, mec="black")
 
 
+def _heals(run: Run) -> list[dict[str, Any]]:
+    """The run's heals that acted (`divergence.policy=heal`), not those that stopped it."""
+    return [e for e in run.events if e.get("kind") == "heal" and e.get("action") == "heal"]
+
+
+def _mark_heals(ax: Axes, run: Run, color: Any) -> None:
+    """A dotted line at each step a heal rolled back to: the run's line after it is the
+    healed trajectory (a step's last line wins)."""
+    for event in _heals(run):
+        ax.axvline(event["rollback_to"], color=color, ls=":", lw=1.2)
+
+
 def plot_loss(
     runs: Sequence[Run], run_labels: Sequence[str], colors: Sequence[Any], out: Path, smooth: float
 ) -> Path | None:
@@ -189,6 +201,7 @@ def plot_loss(
     for (steps, _), line, run, color in zip(series, drawn, runs, colors, strict=True):
         for ax in (full, zoom):
             _mark_detections(ax, run, steps, line, color)
+            _mark_heals(ax, run, color)
     full.set_title("training loss" + (f" (EMA {smooth:g})" if smooth > 0 else ""))
     zoom.set_title("second half, zoomed")
     full.set_ylabel("loss")
@@ -198,6 +211,9 @@ def plot_loss(
         for k in kinds
     ]
     texts = list(run_labels) + [f"detection: {k}" for k in kinds]
+    if any(_heals(run) for run in runs):
+        handles.append(Line2D([], [], color="gray", ls=":", lw=1.2))
+        texts.append("heal: rolled back to")
     return save_figure(fig, out / "loss.png", handles, texts, "Training loss")
 
 
@@ -394,6 +410,26 @@ def diagnoses_section(runs: Sequence[Run], run_labels: Sequence[str], out: Path)
     return "## Diagnoses\n\n" + "\n".join(items) + "\n" if items else None
 
 
+def heals_section(runs: Sequence[Run], run_labels: Sequence[str]) -> str | None:
+    """A line per `heal` event (`divergence.policy=heal`): what was detected, the verdict, the
+    remedy and the steps lost, or why the run stopped instead."""
+    items = []
+    for run, text in zip(runs, run_labels, strict=True):
+        for e in run.events:
+            if e.get("kind") != "heal":
+                continue
+            d = e.get("detection") or {}
+            head = f"- {text}: {d.get('kind')} of {d.get('metric')} at step {e['step']}: "
+            if e.get("action") == "stop":
+                items.append(head + f"stopped, because {e.get('reason')}")
+                continue
+            items.append(
+                head + f"{e.get('cause')} ({e.get('mechanism')}), healed by {e.get('text')}; "
+                f"back to step {e.get('rollback_to')}, {e.get('steps_lost')} steps lost"
+            )
+    return "## Heals\n\n" + "\n".join(items) + "\n" if items else None
+
+
 def report(runs: Sequence[Run], out: Path, smooth: float = 0.0) -> tuple[list[Path], list[str]]:
     """Write every plot and table for `runs` into `out`; return the paths written and notes."""
     out.mkdir(parents=True, exist_ok=True)
@@ -487,12 +523,12 @@ def report(runs: Sequence[Run], out: Path, smooth: float = 0.0) -> tuple[list[Pa
         f"# Comparison of {len(runs)} runs\n\nRuns differ in: {differ}.\n",
         f"## Summary\n\n{table}\n\nTable as CSV: [summary.csv](summary.csv).\n",
         "## Plots\n\nDetections are marked on the loss plot, on the run's line"
-        f" ({marker_text}).\n\n"
+        f" ({marker_text}); a heal by a dotted line at the step it rolled back to.\n\n"
         + "\n".join(f"### {title}\n\n![{title}]({path.name})\n" for title, path in plots if path),
     ]
-    diagnosed = diagnoses_section(runs, run_labels, out)
-    if diagnosed:
-        sections.append(diagnosed)
+    for section in (diagnoses_section(runs, run_labels, out), heals_section(runs, run_labels)):
+        if section:
+            sections.append(section)
     groups, group_notes = lr_groups(runs)
     notes += group_notes
     if groups:

@@ -23,7 +23,7 @@ import yaml
 # Event kinds that are detections (a divergence signal), as opposed to actions and bookkeeping.
 DETECTION_KINDS = ("nonfinite", "spike", "drift", "attn_logit", "output_logit", "slingshot")
 # Config keys that name where a run writes or logs, not what it trains: never a "difference".
-IGNORED_KEYS = {"run.name", "run.out_dir", "checkpoint.resume"}
+IGNORED_KEYS = {"run.name", "run.out_dir", "checkpoint.resume", "checkpoint.force_resume"}
 IGNORED_PREFIXES = ("meta.", "wandb.")
 # Recorded facts that are part of the experiment all the same: runs on different CPU kernel
 # paths are never one cell (monitor/device_path.py says why).
@@ -58,6 +58,17 @@ class Run:
     events: list[dict[str, Any]]
     summary: dict[str, Any]  # summary.json, with fields it lacks computed from the other files
     notes: list[str] = field(default_factory=list)  # things the reader had to work around
+    # config_history.jsonl: one entry per start that changed the config (a resume with a new
+    # lr, a heal), each with its `step` and whole `config`; config.yaml is only the last
+    config_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def config_at(self, step: int) -> dict[str, Any]:
+        """The flat config that trained `step` (the last start before it); config.yaml's for a
+        run without a history."""
+        earlier = [e for e in self.config_history if e.get("step", 0) < step]
+        if not earlier or not isinstance(earlier[-1].get("config"), dict):
+            return self.flat_config
+        return _with_defaults(earlier[-1]["config"])
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """Steps and float values of a metric (NaN where a line has null or a non-number)."""
@@ -139,6 +150,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[dotted] = value
     return flat
+
+
+# The run's config history, as monitor/run_record.py writes it.
+CONFIG_HISTORY = "config_history.jsonl"
 
 
 def _read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
@@ -288,6 +303,8 @@ def load_run(path: str | Path) -> Run:
     metrics, val = _read_metrics(path / "metrics.jsonl", notes)
     events = [e for e in _read_jsonl(path / "events.jsonl", notes) if _step(e) is not None]
     summary = _merge_summary(path, _computed_summary(metrics, val, events), notes)
+    history = [e for e in _read_jsonl(path / CONFIG_HISTORY, notes) if _step(e) is not None]
+    notes += [_changed_note(entry) for entry in history[1:] if entry.get("changed")]
     return Run(
         name=path.name,
         path=path,
@@ -298,7 +315,19 @@ def load_run(path: str | Path) -> Run:
         events=events,
         summary=summary,
         notes=notes,
+        config_history=history,
     )
+
+
+def _changed_note(entry: dict[str, Any]) -> str:
+    """'config changed at step S: key old -> new, ...': the run's config is not one throughout,
+    and its table row shows config.yaml's, the last."""
+    changes = ", ".join(
+        f"{key} {pair[0]!r} -> {pair[1]!r}"
+        for key, pair in entry["changed"].items()
+        if isinstance(pair, list) and len(pair) == 2
+    )
+    return f"config changed at step {entry['step']}: {changes}"
 
 
 def _is_run_dir(path: Path) -> bool:

@@ -360,7 +360,7 @@ class Trainer:
         line = metrics_line(
             self.step, self.tokens, lr, scalars, self.telemetry.read(lr, scalars.grad_norm, output)
         )
-        line["adam_eff_lr"] = adam_effective_lr(self.optimizer)  # the paper's Adam effective LR
+        line.update(adam_effective_lr(self.optimizer))  # the paper's Adam effective LR
         line.update(form_metrics(self.optimizer))
         line.update(self.sharpness.read(self.step))  # {} unless a sharpness step
         line.update(self.meter.read(self.step))

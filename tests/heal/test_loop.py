@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import heal
 from configs import load_config
@@ -61,6 +62,10 @@ def test_an_lr_blow_up_is_healed_by_a_cooldown_and_the_run_completes(tmp_path, c
     assert (summary["status"], summary["steps"]) == ("completed", 40)
     (healed,) = heals(run_dir)
     detected = runs.detections(run_dir)
+    # the healed trajectory's watch never saw them: the summary counts every trajectory's
+    assert summary == runs.summary(run_dir)
+    assert (summary["heals"], summary["divergences"]) == (1, len(detected))
+    assert summary["first_divergence_step"] == healed["step"]
     assert healed["step"] == detected[0]["step"] > 20 and healed["detection"]["kind"]
     assert (healed["action"], healed["cause"], healed["mechanism"]) == (
         "heal",
@@ -103,16 +108,7 @@ def test_attention_logits_at_high_lr_in_bf16_are_soft_capped(tmp_path, corpus):
     """bf16, lr 0.1, no decay (the diagnosis test's attention case): the logits cross 1,000;
     the heal caps them below the detector's threshold and the run trains to its end."""
     run_dir = tmp_path / "attn"
-    knobs = {
-        "precision": "bf16",
-        "optim.lr": 0.1,
-        "optim.weight_decay": 0.0,
-        "optim.schedule": "constant",
-        "checkpoint.interval": 10,
-        "divergence.policy": "heal",
-        "train.max_steps": 150,
-    }
-    summary = heal_run(run_dir, corpus, **knobs)
+    summary = heal_run(run_dir, corpus, **runs.ATTENTION_GROWTH, **{"divergence.policy": "heal"})
     assert summary["status"] == "completed"
     (healed,) = heals(run_dir)
     assert (healed["mechanism"], healed["remedy"]) == ("attention", "attn_softcap")
@@ -186,59 +182,79 @@ def test_max_heals_stops_without_a_diagnosis(tmp_path, corpus):
     assert not list(run_dir.glob("diagnosis-*"))
 
 
-def test_two_ranks_zero3_heal_a_poisoned_batch(tmp_path, corpus):
-    """torchrun, 2 ranks, ZeRO 3: the same heal on every rank (the diagnosis replays on both),
-    and the run completes past the skipped batch."""
-    data, _ = poisoned_corpus(corpus, tmp_path / "data", POISONED, 8)
+def test_two_ranks_zero3_resume_at_a_new_lr_and_heal_its_blow_up(tmp_path, corpus):
+    """torchrun, 2 ranks, ZeRO 3: 20 healthy steps, then a resume at lr 3 (a config change on
+    2 ranks, recorded from step 20) blows up; the diagnosis replays the lr in force, not the
+    checkpoint's, on both ranks, and the same heal completes the run."""
     run_dir = tmp_path / "ranks"
-    knobs = {
-        "zero_stage": 3,
-        "train.micro_batch_size": 4,
-        "train.max_steps": POISONED + 5,
-        "checkpoint.interval": 100,
-        "divergence.policy": "heal",
-    }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    command += ["train.py", *runs.overrides(run_dir, data, **knobs)]
-    done = subprocess.run(
-        command, cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    common = {"zero_stage": 3, "train.micro_batch_size": 4}
+    for extra in ({"checkpoint.interval": 10, "train.max_steps": 20}, LR_HEAL):
+        command = torchrun + ["train.py", *runs.overrides(run_dir, corpus, **common, **extra)]
+        done = subprocess.run(command, cwd=ROOT, env=env(2), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
     assert runs.summary(run_dir)["status"] == "completed"
+    start = read_config_history(run_dir)[1]
+    assert start["step"] == 20 and start["changed"]["optim.lr"] == [0.003, 3.0]
     (healed,) = heals(run_dir)
-    assert (healed["cause"], healed["remedy"]) == ("data", "skip_batch")
-    assert healed["changes"] == {"data.skip_batches": [[], [POISONED - 1]]}
+    assert (healed["cause"], healed["remedy"], healed["rollback_to"]) == (
+        "state",
+        "lr_cooldown",
+        20,
+    )
+    replayed = yaml.safe_load((run_dir / "diagnosis-0" / "reproduce" / "config.yaml").read_text())
+    assert replayed["optim"]["lr"] == 3.0 and replayed["zero_stage"] == 3
+    assert replayed["meta"]["world_size"] == 2
 
 
 def cli(run_dir: Path, corpus: Path, **extra: object) -> list[str]:
     return [sys.executable, "train.py", *runs.overrides(run_dir, corpus, **extra)]
 
 
+def healthy_then_lr_blow_up(run_dir: Path, corpus: Path) -> list[str]:
+    """Train 20 healthy steps through the CLI; return the command that resumes at lr 3."""
+    healthy = cli(run_dir, corpus, **{"checkpoint.interval": 10, "train.max_steps": 20})
+    assert subprocess.run(healthy, cwd=ROOT, env=env(1), capture_output=True).returncode == 0
+    return cli(run_dir, corpus, **LR_HEAL)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> float:
+    """The last loss of the lr blow-up healed without interruption, through the CLI."""
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    done = subprocess.run(healthy_then_lr_blow_up(run_dir, corpus), cwd=ROOT, env=env(1))
+    assert done.returncode == 0
+    return runs.metrics(run_dir)[40]["loss"]
+
+
+@pytest.mark.parametrize("moment", ["diagnosing", "healed"])
 def test_a_sigkill_during_a_heal_then_a_resume_ends_bitwise_as_the_uninterrupted_run(
-    tmp_path, corpus
+    tmp_path, corpus, uninterrupted, moment
 ):
-    """The heal is killed in its diagnosis (after the stop, before the heal event); rerunning
-    the command takes the stale lock over, meets the detection again, heals it, and ends on
-    the uninterrupted run's last loss bit for bit (CPU, fp32)."""
-    finals = {}
-    for name in ("whole", "killed"):
-        run_dir = tmp_path / name
-        healthy = cli(run_dir, corpus, **{"checkpoint.interval": 10, "train.max_steps": 20})
-        assert subprocess.run(healthy, cwd=ROOT, env=env(1), capture_output=True).returncode == 0
-        command = cli(run_dir, corpus, **LR_HEAL)
-        if name == "killed":
-            proc = subprocess.Popen(command, cwd=ROOT, env=env(1), stdout=subprocess.DEVNULL)
-            deadline = time.time() + 300
-            while not (run_dir / "diagnosis-0" / "reproduce").exists():
-                assert proc.poll() is None and time.time() < deadline
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            assert not heals(run_dir) and runs.events(run_dir, "stop")
-        done = subprocess.run(command, cwd=ROOT, env=env(1), capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-        finals[name] = runs.metrics(run_dir)[40]["loss"]
-        assert runs.summary(run_dir)["status"] == "completed"
-        assert [e["remedy"] for e in heals(run_dir)] == ["lr_cooldown"]
+    """Killed in the diagnosis (before the heal event: the restart meets the detection again
+    and heals it) or just after the heal event (before the healed run's next checkpoint: the
+    restart applies the recorded remedy to the checkpoint it rolled back to). Rerunning the
+    command takes the stale lock over and ends on the uninterrupted run's last loss bit for bit
+    (CPU, fp32)."""
+    run_dir = tmp_path / "run"
+    command = healthy_then_lr_blow_up(run_dir, corpus)
+    proc = subprocess.Popen(command, cwd=ROOT, env=env(1), stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (
+        (run_dir / "diagnosis-0" / "reproduce").exists()
+        if moment == "diagnosing"
+        else heals(run_dir)
+    ):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert runs.events(run_dir, "stop") and len(heals(run_dir)) == (moment == "healed")
+    assert not (run_dir / "checkpoints" / "step_00000030").exists()
+
+    done = subprocess.run(command, cwd=ROOT, env=env(1), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert "took over" in done.stdout
-    assert finals["killed"] == finals["whole"]
+    assert runs.summary(run_dir)["status"] == "completed"
+    assert [e["remedy"] for e in heals(run_dir)] == ["lr_cooldown"]
+    assert runs.metrics(run_dir)[40]["loss"] == uninterrupted

@@ -202,6 +202,10 @@ def test_bf16_autocast_loss_is_fp32() -> None:
     assert out.logits.dtype == torch.bfloat16
     assert out.loss.dtype == torch.float32 and out.attn_logit_max.dtype == torch.float32
     assert out.loss.item() == pytest.approx(ref.item(), abs=0.02)
+    # the logit telemetry reads in fp32, not in autocast's bf16: as without autocast, up to
+    # the bf16 rounding of q and k themselves (their projection runs in bf16)
+    plain = model(idx, targets, telemetry=True).attn_logit_max
+    torch.testing.assert_close(out.attn_logit_max, plain, rtol=2**-7, atol=0)
 
 
 def test_tiny_model_overfits_one_batch() -> None:

@@ -48,6 +48,17 @@ LR_BLOW_UP: dict[str, object] = {
 }
 
 
+# bf16 at lr 0.1 without weight decay: the attention logits cross the detector's 1,000 within
+# 150 steps (which layer, and when, depends on the CPU's bf16 kernels).
+ATTENTION_GROWTH: dict[str, object] = {
+    "precision": "bf16",
+    "optim.lr": 0.1,
+    "optim.weight_decay": 0.0,
+    "optim.schedule": "constant",
+    "checkpoint.interval": 10,
+    "train.max_steps": 150,
+}
+
 N_LAYER = 2
 
 

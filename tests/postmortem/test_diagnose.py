@@ -114,16 +114,7 @@ def test_attention_growth_in_bf16_without_decay_is_state_attention(tmp_path, cor
     earlier; issue 19), so the diagnosis must name the mechanism and per-layer logit evidence
     from this run's layers, not one machine's layer."""
     run_dir = tmp_path / "attn"
-    knobs = {
-        "precision": "bf16",
-        "optim.lr": 0.1,
-        "optim.weight_decay": 0.0,
-        "optim.schedule": "constant",
-        "checkpoint.interval": 10,
-        "divergence.policy": "stop",
-        "train.max_steps": 150,
-    }
-    summary = runs.run(run_dir, corpus, **knobs)
+    summary = runs.run(run_dir, corpus, **runs.ATTENTION_GROWTH, **{"divergence.policy": "stop"})
     first = runs.detections(run_dir)[0]
     assert summary["status"] == "diverged" and first["kind"] == "attn_logit"
 

@@ -136,3 +136,24 @@ def test_replay_errors_are_one_line(tmp_path, capsys):
     assert "has 1 detections" in capsys.readouterr().err
     assert replay.main([str(run_dir), "--event", "0"]) == 2
     assert "no checkpoint from before step 7" in capsys.readouterr().err
+
+
+def test_the_stopping_detection_is_the_first_of_the_newest_stretch_at_its_step(tmp_path):
+    """After a heal's rollback the same step holds detections of two trajectories."""
+    events = [
+        {"step": 5, "kind": "spike", "metric": "loss"},
+        {"step": 22, "kind": "attn_logit", "metric": "a"},
+        {"step": 22, "kind": "spike", "metric": "loss"},
+        {"step": 22, "kind": "stop"},
+        {"step": 22, "kind": "heal", "action": "heal"},
+        {"step": 20, "kind": "resume"},
+        {"step": 22, "kind": "spike", "metric": "grad_norm"},
+        {"step": 22, "kind": "skip"},
+        {"step": 22, "kind": "output_logit", "metric": "log_z"},
+        {"step": 22, "kind": "stop"},
+    ]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert replay.stopping_detection(tmp_path, 22) == 3
+    assert replay.stopping_detection(tmp_path, 5) == 0
+    with pytest.raises(ValueError, match="no detection at step 7"):
+        replay.stopping_detection(tmp_path, 7)

@@ -158,7 +158,21 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "wd0.1-bf16",
         config_with(),
         first + second,
-        [event(10, "spike"), event(12, "rollback", to_step=8)],
+        [
+            event(10, "spike"),
+            event(12, "rollback", to_step=8),
+            event(
+                12,
+                "heal",
+                action="heal",
+                detection={"kind": "spike", "metric": "loss"},
+                cause="state",
+                mechanism="optimizer",
+                text="lr x 0.1 for steps 8-207, then the schedule",
+                rollback_to=8,
+                steps_lost=4,
+            ),
+        ],
         {
             "status": "completed",
             "steps": 20,

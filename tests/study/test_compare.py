@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -73,6 +74,24 @@ def test_resumed_timeline_drops_the_abandoned_tail(make_run: Callable[..., Path]
     run = load_run(make_run("resumed", lines))
     assert sorted(run.metrics) == list(range(9))
     assert run.metrics[8]["loss"] == 4.0 and run.summary["final_loss"] == 4.0
+
+
+def test_a_config_changed_mid_run_is_credited_to_its_steps(tmp_path: Path) -> None:
+    """A resume at a new lr (or a heal) changes the config from its step on; config.yaml holds
+    only the last, so the run says so and `config_at` answers per step."""
+    old, new = config_with(optim__lr=1e-3), config_with(optim__lr=3.0)
+    path = write_run(tmp_path, "resumed", new, [train_line(s, 4.0) for s in range(1, 31)])
+    history = [
+        {"step": 0, "changed": {}, "force_resume": False, "config": old},
+        {"step": 20, "changed": {"optim.lr": [1e-3, 3.0]}, "force_resume": True, "config": new},
+    ]
+    (path / "config_history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in history))
+    run = load_run(path)
+    assert run.config_at(20)["optim.lr"] == 1e-3 and run.config_at(21)["optim.lr"] == 3.0
+    assert run.flat_config["optim.lr"] == 3.0
+    assert "config changed at step 20: optim.lr 0.001 -> 3.0" in run.notes
+    bare = load_run(write_run(tmp_path, "bare", new, [train_line(1, 4.0)]))
+    assert bare.config_at(1)["optim.lr"] == 3.0 and not bare.config_history
 
 
 def test_truncated_last_line_and_missing_summary(sweep_dir: Path) -> None:
@@ -236,6 +255,12 @@ def test_summary_md(sweep_report: Path, sweep_dir: Path) -> None:
         "## Diagnoses\n\n- weight_decay=0 precision=fp32: detection 0 at step 14: state (medium "
         f"confidence), likely optimizer: [report]({link}/diagnosis-0/report.md)"
     ) in text
+    assert (
+        "## Heals\n\n- weight_decay=0.1 precision=bf16: spike of loss at step 12: state "
+        "(optimizer), healed by lr x 0.1 for steps 8-207, then the schedule; back to step 8, 4 "
+        "steps lost"
+    ) in text
+    assert "a heal by a dotted line at the step it rolled back to" in text
 
 
 @pytest.mark.parametrize("name", SWEEP_PNGS)

@@ -14,6 +14,8 @@ from optim.config import DeepSpeedConfig, OptimConfig
 
 
 class RunConfig(Section):
+    """Where a run lives, its seed and device, and how long its ranks wait for each other."""
+
     name: str = Field("default", min_length=1, description="run directory name under out_dir")
     out_dir: str = Field("runs", description="parent directory of run directories")
     seed: int = Field(1337, description="seeds init, data order and dropout")
@@ -25,6 +27,13 @@ class RunConfig(Section):
         gt=0,
         description="seconds a rank waits in a collective (or the rendezvous) for a lost peer "
         "before failing; raise it if a large checkpoint's save or conversion takes longer",
+    )
+    lost_peer_s: float = Field(
+        60.0,
+        gt=0,
+        description="with several ranks: a peer whose heartbeat stood still this long (at most "
+        "half of collective_timeout_s) is named and the run recorded failed at once (NCCL aborts "
+        "at the timeout without a word)",
     )
     move_aside: bool = Field(
         False,

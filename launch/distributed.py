@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,6 +24,7 @@ from configs import ConfigError
 
 HEARTBEAT_S = 1.0  # seconds between heartbeat ticks
 PROBE_S = 4 * HEARTBEAT_S  # how long a failed rank watches the counters
+WATCH_S = 5.0  # seconds between a watching rank's reads of its peers' counters (one request)
 STORE_TIMEOUT = timedelta(seconds=10)  # the heartbeat's store client gives up after this
 
 
@@ -124,6 +126,7 @@ class Heartbeat:
         self.rank, self.world_size = 0, 1
         self._store: torch.distributed.TCPStore | None = None
         self._stop = threading.Event()
+        self._watch: tuple[float, Callable[[str], None]] | None = None
 
     def start(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
@@ -139,12 +142,51 @@ class Heartbeat:
     def _key(self, kind: str, rank: int) -> str:
         return f"wdharness/{kind}/{rank}"
 
+    def watch(self, silent_s: float, on_lost: Callable[[str], None]) -> None:
+        """From now on, report a peer whose counter stood still for `silent_s` (and that did not
+        leave), or a store that went away, once: `on_lost(line)` from the heartbeat thread,
+        with the line `lost_peer_error` would give.
+
+        Under NCCL a collective waiting on a lost peer is aborted by NCCL's watchdog at the
+        timeout, with no exception for `lost_peer_error` to see: this is the run's one chance
+        to say which rank was lost and to record it. `silent_s` must stay below the timeout.
+        """
+        self._watch = (silent_s, on_lost)
+
+    def unwatch(self) -> None:
+        self._watch = None
+
     def _tick(self) -> None:
+        seen: dict[int, tuple[int, float]] = {}  # peer -> (counter, when it last moved)
+        last_read = time.monotonic()
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 self._store.add(self._key("heartbeat", self.rank), 1)
+                if self._watch is not None and time.monotonic() - last_read >= WATCH_S:
+                    last_read = time.monotonic()
+                    self._check(seen, *self._watch)
             except RuntimeError:  # the store is gone (torch's DistError is a RuntimeError)
+                if self._watch is not None:
+                    silent_s, on_lost = self._watch
+                    self._watch = None
+                    on_lost(lost_line(self.rank, None, silent_s))
                 return
+
+    def _check(
+        self, seen: dict[int, tuple[int, float]], silent_s: float, on_lost: Callable[[str], None]
+    ) -> None:
+        """One read of every peer's counter; report the ones silent for `silent_s`."""
+        peers = [r for r in range(self.world_size) if r != self.rank]
+        counts = self._store.multi_get([self._key("heartbeat", r) for r in peers])
+        now = time.monotonic()
+        for peer, count in zip(peers, map(int, counts), strict=True):
+            if seen.get(peer, (None,))[0] != count:
+                seen[peer] = (count, now)
+        silent = [r for r in peers if now - seen[r][1] >= silent_s]
+        lost = [r for r in silent if not self._store.check([self._key("left", r)])]
+        if lost:
+            self._watch = None
+            on_lost(lost_line(self.rank, lost, silent_s))
 
     def lost_ranks(self) -> list[int] | None:
         """The peers whose counter stood still for PROBE_S and who did not leave; None when the
@@ -193,16 +235,28 @@ def lost_peer_error(err: BaseException) -> str | None:
         return None
     lost = _heartbeat.lost_ranks() if isinstance(err, RuntimeError) else []
     _heartbeat.leave(wait_s=2 * PROBE_S)
+    return lost_line(_heartbeat.rank, lost, PROBE_S) if lost != [] else None
+
+
+def lost_line(rank: int, lost: list[int] | None, silent_s: float) -> str:
+    """The one-line error of `rank` for the `lost` peers (None: the store is unreachable)."""
     if lost is None:
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         return (
-            f"rank {_heartbeat.rank}: error: lost rank 0 (the rendezvous store at {where} is "
+            f"rank {rank}: error: lost rank 0 (the rendezvous store at {where} is "
             "unreachable: its process or node is gone); rerun to resume from the last checkpoint"
         )
-    if not lost:
-        return None
     return (
-        f"rank {_heartbeat.rank}: error: lost rank {', '.join(map(str, lost))} (no heartbeat "
-        f"for {PROBE_S:.0f} s: the process died or hangs, or its node is gone); rerun to resume "
+        f"rank {rank}: error: lost rank {', '.join(map(str, lost))} (no heartbeat for "
+        f"{silent_s:.0f} s: the process died or hangs, or its node is gone); rerun to resume "
         "from the last checkpoint"
     )
+
+
+def watch_peers(silent_s: float, on_lost: Callable[[str], None]) -> None:
+    """`Heartbeat.watch` of this process's heartbeat (a no-op on one rank)."""
+    _heartbeat.watch(silent_s, on_lost)
+
+
+def unwatch_peers() -> None:
+    _heartbeat.unwatch()

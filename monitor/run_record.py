@@ -2,6 +2,8 @@
 
 import json
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,8 @@ class RunRecord:
         self.first_detection_step: int | None = None
         self.previous = previous or {}
         self.written: dict[str, Any] | None = None  # the last summary this process wrote
+        self.lost: str | None = None  # the line of a lost peer (`lost_peer`), if one was
+        self._summary_lock = threading.Lock()  # `lost_peer` writes from the heartbeat thread
         self.final_loss: float | None = self.previous.get("final_loss")
         self.final_val_loss: float | None = self.previous.get("final_val_loss")
         if not self.active:
@@ -221,9 +225,20 @@ class RunRecord:
 
     def _write(self, summary: dict[str, Any]) -> None:
         if self.active:
-            for sink in self.sinks:
-                sink.summary(summary)
-            self.written = summary
+            with self._summary_lock:
+                for sink in self.sinks:
+                    sink.summary(summary)
+                self.written = summary
+
+    def lost_peer(self, line: str) -> None:
+        """The heartbeat found a peer gone (`launch.distributed.watch_peers`): say so and record
+        the run failed now, while this process lives (NCCL may abort it at the collective
+        timeout); a later `fail` keeps the line as the error."""
+        self.lost = line
+        print(line, file=sys.stderr, flush=True)
+        if self.active:
+            failed = {**self._empty(), **self.previous, **(self.written or {}), "status": "failed"}
+            self._write({**failed, "error": line, "time": time.time()})
 
     def fail(self, err: BaseException) -> None:
         """After an exception: summary `failed` with the error, then close everything.
@@ -234,7 +249,7 @@ class RunRecord:
         if self.written is not None or self.previous.get("status") != "completed":
             failed = {**self._empty(), **self.previous, **(self.written or {}), "status": "failed"}
             failed.update(final_loss=self.final_loss, final_val_loss=self.final_val_loss)
-            failed.update(error=f"{type(err).__name__}: {err}", time=time.time())
+            failed.update(error=self.lost or f"{type(err).__name__}: {err}", time=time.time())
             try:
                 self._write(failed)
             except OSError:  # a full disk must not hide the error that filled it

@@ -34,7 +34,7 @@ from common.run_lock import RunLock, RunLockError
 from configs.schema import TrainConfig
 from data.dataset import DataError
 from data.loader import BatchLoader, resolve_dataset, validation_batches
-from launch.distributed import DistEnv, init_distributed
+from launch.distributed import DistEnv, init_distributed, unwatch_peers, watch_peers
 from model import GPT
 from monitor.divergence import DivergenceWatch
 from monitor.perf import Throughput, math_mode, set_tf32
@@ -298,6 +298,15 @@ class Trainer:
     # ------------------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, Any]:
+        """The loop, while the heartbeat watches the other ranks (`watch_peers`)."""
+        run = self.cfg.run
+        watch_peers(min(run.lost_peer_s, run.collective_timeout_s / 2), self.record.lost_peer)
+        try:
+            return self._train()
+        finally:
+            unwatch_peers()
+
+    def _train(self) -> dict[str, Any]:
         """The loop: one iteration is one optimizer update over the global batch."""
         self.meter = Throughput(
             self.tokens_per_step,

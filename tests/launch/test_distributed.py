@@ -103,6 +103,36 @@ def test_lost_peer_is_named_and_the_run_resumes(tmp_path, cpu_train_env, victim,
     assert summary["status"] == "completed" and summary["steps"] == STEPS
 
 
+@pytest.mark.slow
+def test_a_frozen_peer_is_named_and_recorded_long_before_the_timeout(tmp_path, cpu_train_env):
+    """Under NCCL a collective waiting on a lost peer ends in an abort at the timeout, with no
+    exception to report: the heartbeat's watch must name the peer and record the run failed
+    while the survivor still waits. Here gloo waits as NCCL would (timeout 300 s, rank 1
+    frozen): the line and the summary come within seconds of `run.lost_peer_s`."""
+    run_dir = tmp_path / "run"
+    args = [*COMMON, "train.max_steps=5000", "checkpoint.interval=5", "run.lost_peer_s=5"]
+    args += ["run.collective_timeout_s=300", f"run.out_dir={tmp_path}", "run.name=run"]
+    procs = start_ranks(args, tmp_path, {**os.environ, **cpu_train_env})
+    try:
+        while latest_step(run_dir) < 5:
+            assert all(p.poll() is None for p in procs), (tmp_path / "rank0.log").read_text()
+            time.sleep(0.2)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        frozen = time.time()
+        summary = run_dir / "summary.json"
+        while json.loads(summary.read_text())["status"] != "failed":
+            assert time.time() - frozen < 60 and procs[0].poll() is None
+            time.sleep(0.2)
+        assert procs[0].poll() is None  # still in its collective, as under NCCL before the abort
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    error = json.loads(summary.read_text())["error"]
+    assert error.startswith("rank 0: error: lost rank 1 (no heartbeat for 5 s")
+    assert error in (tmp_path / "rank0.log").read_text()
+
+
 def alive(pattern: str) -> list[int]:
     """PIDs of the processes whose command line holds `pattern`."""
     found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout

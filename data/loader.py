@@ -13,6 +13,7 @@ across ranks and accumulation steps, and resuming needs only the position p.
 """
 
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +139,31 @@ def _gather(
     pin_memory: bool,
 ) -> Batch:
     """The (x, y) pair of int64 (len(window_ids), block_size) tensors for these windows."""
+    return _to_device(_host_batch(tokens, window_ids, block_size, pin_memory), device, pin_memory)
+
+
+def _host_batch(
+    tokens: np.ndarray, window_ids: np.ndarray, block_size: int, pin_memory: bool
+) -> Batch:
+    """`_gather`'s host half: read the windows (page faults of the memory map included)."""
     index = window_ids[:, None] * block_size + np.arange(block_size + 1)
     rows = torch.from_numpy(tokens[index].astype(np.int64))
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
     if pin_memory:
         x, y = x.pin_memory(), y.pin_memory()
-    if device is not None:
-        x = x.to(device, non_blocking=pin_memory)
-        y = y.to(device, non_blocking=pin_memory)
     return x, y
+
+
+def _to_device(batch: Batch, device: torch.device | str | None, pin_memory: bool) -> Batch:
+    """`_gather`'s device half: the copy, asynchronous from pinned memory."""
+    if device is None:
+        return batch
+    return tuple(t.to(device, non_blocking=pin_memory) for t in batch)
+
+
+# One background reader for every prefetching loader of the process (they take turns: a
+# trainer, then a replay's); an idle reader costs nothing and is joined at exit.
+_READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
 
 
 class BatchLoader:
@@ -154,7 +171,10 @@ class BatchLoader:
 
     `source` is a token file (usually `<dataset>/train.bin`) or an in-memory array of ids.
     Pass `device` to move batches there; `pin_memory=True` makes that copy asynchronous.
-    `skip`: global batches (positions) never read, each step moving on to the next one.
+    `prefetch=True` reads the next step's windows on a background thread while this step
+    trains (the copy to the device stays on the caller's thread and stream); the batches are
+    the same either way, since each is a pure function of its position. `skip`: global batches
+    (positions) never read, each step moving on to the next one.
     """
 
     def __init__(
@@ -170,6 +190,7 @@ class BatchLoader:
         vocab_size: int = VOCAB_SIZE,
         device: torch.device | str | None = None,
         pin_memory: bool = False,
+        prefetch: bool = False,
         skip: Iterable[int] = (),
     ) -> None:
         _check_layout(
@@ -194,6 +215,8 @@ class BatchLoader:
         self._position = 0
         self._skip = frozenset(skip)
         self._permutations: dict[int, np.ndarray] = {}
+        self._prefetch = prefetch
+        self._ahead: tuple[int, Future[list[Batch]]] | None = None  # (position, its reading)
 
     @property
     def position(self) -> int:
@@ -231,19 +254,39 @@ class BatchLoader:
 
     def next_step(self) -> list[Batch]:
         """This rank's `grad_accum_steps` micro-batches (x, y) for the next optimizer step."""
+        position = self._unskipped(self._position)
+        host = self._take_ahead(position) or self._host_batches(position)
+        self._position = position + 1
+        if self._prefetch:
+            ahead = self._unskipped(self._position)
+            self._ahead = (ahead, _READER.submit(self._host_batches, ahead))
+        return [_to_device(batch, self._device, self._pin_memory) for batch in host]
+
+    def _unskipped(self, position: int) -> int:
+        while position in self._skip:
+            position += 1
+        return position
+
+    def _take_ahead(self, position: int) -> list[Batch] | None:
+        """The prefetched batches if they are `position`'s (a skip or a load moves the position
+        elsewhere); the reading is waited for either way, so only one thread reads at a time."""
+        if self._ahead is None:
+            return None
+        (ahead, reading), self._ahead = self._ahead, None
+        batches = reading.result()
+        return batches if ahead == position else None
+
+    def _host_batches(self, position: int) -> list[Batch]:
+        """This rank's micro-batches of global batch `position`, on the host."""
         per_rank = self.micro_batch_size * self.grad_accum_steps
-        while self._position in self._skip:
-            self._position += 1
         window_ids = self._window_ids(
-            self._position * self.global_batch_size + self._rank_offset, per_rank
+            position * self.global_batch_size + self._rank_offset, per_rank
         )
-        self._position += 1
         return [
-            _gather(
+            _host_batch(
                 self._tokens,
                 window_ids[i : i + self.micro_batch_size],
                 self.block_size,
-                self._device,
                 self._pin_memory,
             )
             for i in range(0, per_rank, self.micro_batch_size)

@@ -192,6 +192,8 @@ class Trainer:
             grad_accum_steps=cfg.train.grad_accum_steps,
             seed=cfg.run.seed,
             skip=cfg.data.skip_batches,
+            pin_memory=env.device.type == "cuda",
+            prefetch=True,
             **shape,
         )
         self.val_batches = validation_batches(

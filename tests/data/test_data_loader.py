@@ -96,6 +96,33 @@ def test_state_dict_resumes_the_exact_next_batch() -> None:
     assert _window_ids(rank1.next_step()) == _window_ids(reference.next_step())[6:]
 
 
+def test_skipped_batches_are_never_read_and_the_position_moves_past_them() -> None:
+    plain = _loader(seed=2, micro_batch_size=5)
+    skipping = BatchLoader(TOKENS, block_size=BLOCK, seed=2, micro_batch_size=5, skip=[1, 2, 4])
+    every = [_window_ids(plain.next_step()) for _ in range(6)]
+    assert [_window_ids(skipping.next_step()) for _ in range(3)] == [every[0], every[3], every[5]]
+    assert skipping.position == 6
+
+
+def test_prefetching_reads_the_same_batches_across_skips_and_resumes() -> None:
+    """The next step's windows are read on a background thread; a skip or a load in between
+    moves the position away from what was read ahead, which is then read again."""
+    layout = {"seed": 3, "micro_batch_size": 4, "grad_accum_steps": 2}
+    plain = _loader(**layout)
+    ahead = BatchLoader(TOKENS, block_size=BLOCK, prefetch=True, skip=[5], **layout)
+    plain_skipping = BatchLoader(TOKENS, block_size=BLOCK, skip=[5], **layout)
+    for loader in (plain, ahead, plain_skipping):
+        loader.next_step()
+        loader.skip(2)
+    assert [_window_ids(ahead.next_step()) for _ in range(4)] == [
+        _window_ids(plain_skipping.next_step()) for _ in range(4)
+    ]
+    state = plain.state_dict()
+    ahead.load_state_dict(state)  # back: the batch read ahead is not this position's
+    assert ahead.position == 3 and ahead._ahead is not None
+    assert _window_ids(ahead.next_step()) == _window_ids(plain.next_step())
+
+
 def test_load_state_dict_refuses_a_different_run() -> None:
     state = _loader(seed=4).state_dict()
     with pytest.raises(DataError, match="global batch of 12 sequences, this run has 8"):

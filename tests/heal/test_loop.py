@@ -45,6 +45,14 @@ LR_HEAL = {
 }
 
 
+# The heals of LR_HEAL's blow-up. Every signal leaves its baseline at step 21 or 22; the
+# diagnosis ranks the optimizer first where the update ratios leave a step before the attention
+# logits (one rank, on this AVX2 machine), and the attention first where both leave at step 21
+# (2 ranks under ZeRO 3, whose telemetry reads rank 0's half of the batch): its soft cap then
+# leaves the output logits to blow up, and the next heal escalates to the cooldown.
+COOLDOWN_PATHS = (["lr_cooldown"], ["attn_softcap", "lr_cooldown"])
+
+
 def heal_run(run_dir: Path, corpus: Path, **extra: object) -> dict:
     """`python train.py` in this process: `heal.run` on the test run's overrides."""
     return heal.run(load_config(None, runs.overrides(run_dir, corpus, **extra)))
@@ -60,26 +68,22 @@ def test_an_lr_blow_up_is_healed_by_a_cooldown_and_the_run_completes(tmp_path, c
     summary = heal_run(run_dir, corpus, **LR_HEAL)
 
     assert (summary["status"], summary["steps"]) == ("completed", 40)
-    (healed,) = heals(run_dir)
-    detected = runs.detections(run_dir)
+    made, detected = heals(run_dir), runs.detections(run_dir)
+    assert [h["remedy"] for h in made] in COOLDOWN_PATHS
     # the healed trajectory's watch never saw them: the summary counts every trajectory's
     assert summary == runs.summary(run_dir)
-    assert (summary["heals"], summary["divergences"]) == (1, len(detected))
-    assert summary["first_divergence_step"] == healed["step"]
-    assert healed["step"] == detected[0]["step"] > 20 and healed["detection"]["kind"]
-    assert (healed["action"], healed["cause"], healed["mechanism"]) == (
-        "heal",
-        "state",
-        "optimizer",
-    )
-    assert healed["remedy"] == "lr_cooldown" and healed["rollback_to"] == 20
-    assert healed["steps_lost"] == healed["step"] - 20 and healed["minutes"] > 0
+    assert (summary["heals"], summary["divergences"]) == (len(made), len(detected))
+    first, healed = made[0], made[-1]
+    assert summary["first_divergence_step"] == first["step"] == detected[0]["step"] > 20
+    assert all(h["action"] == "heal" and h["cause"] == "state" for h in made)
+    assert all(h["rollback_to"] == 20 and h["steps_lost"] == h["step"] - 20 for h in made)
+    assert healed["mechanism"] in ("optimizer", "attention") and healed["minutes"] > 0
     cooldown = {"start": 20, "steps": 100, "factor": 0.01}
     assert healed["changes"] == {"optim.cooldowns": [[], [cooldown]]}
     assert Path(healed["diagnosis"]).is_file()
-    # no detection after the heal; the diverged state is kept beside the checkpoints
+    # no detection after the last heal; each diverged state is kept beside the checkpoints
     assert all(e["time"] < healed["time"] for e in detected)
-    assert (run_dir / "checkpoints" / f"diverged_step_{healed['step']:08d}").is_dir()
+    assert (run_dir / "checkpoints" / f"diverged_step_{first['step']:08d}").is_dir()
     lines = runs.metrics(run_dir)
     assert lines[21]["lr"] == pytest.approx(0.03) and lines[40]["lr"] == pytest.approx(0.03)
     assert math.isfinite(lines[40]["loss"]) and lines[40]["loss"] < lines[20]["loss"] + 0.5
@@ -196,12 +200,9 @@ def test_two_ranks_zero3_resume_at_a_new_lr_and_heal_its_blow_up(tmp_path, corpu
     assert runs.summary(run_dir)["status"] == "completed"
     start = read_config_history(run_dir)[1]
     assert start["step"] == 20 and start["changed"]["optim.lr"] == [0.003, 3.0]
-    (healed,) = heals(run_dir)
-    assert (healed["cause"], healed["remedy"], healed["rollback_to"]) == (
-        "state",
-        "lr_cooldown",
-        20,
-    )
+    made = heals(run_dir)
+    assert [h["remedy"] for h in made] in COOLDOWN_PATHS
+    assert all(h["cause"] == "state" and h["rollback_to"] == 20 for h in made)
     replayed = yaml.safe_load((run_dir / "diagnosis-0" / "reproduce" / "config.yaml").read_text())
     assert replayed["optim"]["lr"] == 3.0 and replayed["zero_stage"] == 3
     assert replayed["meta"]["world_size"] == 2
@@ -219,12 +220,12 @@ def healthy_then_lr_blow_up(run_dir: Path, corpus: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> float:
-    """The last loss of the lr blow-up healed without interruption, through the CLI."""
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> tuple[float, list]:
+    """The last loss and the remedies of the lr blow-up healed without interruption (CLI)."""
     run_dir = tmp_path_factory.mktemp("whole") / "run"
     done = subprocess.run(healthy_then_lr_blow_up(run_dir, corpus), cwd=ROOT, env=env(1))
     assert done.returncode == 0
-    return runs.metrics(run_dir)[40]["loss"]
+    return runs.metrics(run_dir)[40]["loss"], [e["remedy"] for e in heals(run_dir)]
 
 
 @pytest.mark.parametrize("moment", ["diagnosing", "healed"])
@@ -249,12 +250,13 @@ def test_a_sigkill_during_a_heal_then_a_resume_ends_bitwise_as_the_uninterrupted
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert runs.events(run_dir, "stop") and len(heals(run_dir)) == (moment == "healed")
+    assert runs.events(run_dir, "stop") and bool(heals(run_dir)) == (moment == "healed")
     assert not (run_dir / "checkpoints" / "step_00000030").exists()
 
     done = subprocess.run(command, cwd=ROOT, env=env(1), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "took over" in done.stdout
     assert runs.summary(run_dir)["status"] == "completed"
-    assert [e["remedy"] for e in heals(run_dir)] == ["lr_cooldown"]
-    assert runs.metrics(run_dir)[40]["loss"] == uninterrupted
+    loss, remedies = uninterrupted
+    assert remedies in COOLDOWN_PATHS and [e["remedy"] for e in heals(run_dir)] == remedies
+    assert runs.metrics(run_dir)[40]["loss"] == loss

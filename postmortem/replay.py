@@ -65,9 +65,10 @@ def detections(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def stopping_detection(run_dir: str | Path, step: int) -> int:
-    """K of the detection that stopped the run at `step`: the first of the newest stretch of
-    that step's detections (after a heal's rollback an earlier trajectory may have detections
-    at the same step; a `stop`, `heal` or `resume` event lies between the two)."""
+    """K of the detection that stopped the run at `step`: the first actionable one of the newest
+    stretch of that step's detections (after a heal's rollback an earlier trajectory may have
+    detections at the same step, with a `stop`, `heal` or `resume` event between the two; a
+    record-only detection, `actionable` false, never stops a run)."""
     events = read_jsonl(Path(run_dir) / "events.jsonl")
     at_step = [i for i, e in enumerate(events) if "metric" in e and e["step"] == step]
     if not at_step:
@@ -75,7 +76,9 @@ def stopping_detection(run_dir: str | Path, step: int) -> int:
     first = at_step[-1]
     while first > 0 and events[first - 1]["step"] == step and _of_one_step(events[first - 1]):
         first -= 1
-    return sum("metric" in e for e in events[:first])
+    stretch = [i for i in range(first, at_step[-1] + 1) if "metric" in events[i]]
+    chosen = next((i for i in stretch if events[i].get("actionable", True)), stretch[0])
+    return sum("metric" in e for e in events[:chosen])
 
 
 def _of_one_step(event: dict[str, Any]) -> bool:

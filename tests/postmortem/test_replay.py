@@ -155,5 +155,8 @@ def test_the_stopping_detection_is_the_first_of_the_newest_stretch_at_its_step(t
     (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     assert replay.stopping_detection(tmp_path, 22) == 3
     assert replay.stopping_detection(tmp_path, 5) == 0
+    events[6]["actionable"] = False  # a record-only grad-norm spike: it did not stop the run
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert replay.stopping_detection(tmp_path, 22) == 4
     with pytest.raises(ValueError, match="no detection at step 7"):
         replay.stopping_detection(tmp_path, 7)

@@ -49,6 +49,18 @@ class DivergenceConfig(Section):
     spike_sigma: float = Field(6.0, gt=0.0, description="robust z-score that counts as a spike")
     std_floor: float = Field(0.05, ge=0.0, description="floor on the window's robust std (loss)")
     grad_spike_sigma: float = Field(6.0, gt=0.0, description="robust z-score of a grad-norm spike")
+    # A grad-norm spike alone is recorded but not acted on: clean runs have them (issue 23,
+    # docs/divergences.md). It becomes actionable when the loss follows it (monitor.detectors'
+    # LossFollows).
+    grad_spike_follow_sigma: float = Field(
+        3.0,
+        gt=0.0,
+        description="loss robust z-score that makes a grad-norm spike actionable (the loss "
+        "follows)",
+    )
+    grad_spike_follow_steps: int = Field(
+        4, ge=0, description="steps after a grad-norm spike in which the loss may follow it"
+    )
     drift_margin: float = Field(
         0.5, gt=0.0, description="smoothed loss above its running minimum by this much: drift"
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from common.files import json_number, json_safe
@@ -32,7 +32,10 @@ MAD_TO_STD = 1.4826
 GRAD_NORM_LOG_FLOOR = math.log(1.05)
 # Keeps a z-score finite when a window is perfectly constant and every floor is zero.
 _MIN_SCALE = 1e-12
-STATE_VERSION = 1
+# Version 2 added the grad-norm spike's wait for the loss (`LossFollows`); version 1 states load,
+# with nothing awaited.
+STATE_VERSION = 2
+_LOADABLE_VERSIONS = (1, 2)
 
 
 def _optional_float(value: float | None) -> float | None:
@@ -42,7 +45,10 @@ def _optional_float(value: float | None) -> float | None:
 @dataclass(frozen=True)
 class Detection:
     """One alarming reading: what fired, where, and the value against the bar it crossed;
-    `facts`, when a detection spans several readings (a slingshot cycle), their steps and values."""
+    `facts`, when a detection spans several readings (a slingshot cycle), their steps and values.
+
+    `actionable` False marks a sensitive, record-only detection: it is recorded like any other,
+    but a policy must not act on it (it fires on healthy runs too; docs/divergences.md)."""
 
     kind: DetectionKind
     step: int
@@ -51,6 +57,7 @@ class Detection:
     threshold: float
     detail: str
     facts: Mapping[str, Any] | None = None
+    actionable: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(DetectionKind):
@@ -65,6 +72,7 @@ class Detection:
             "value": json_number(self.value),
             "threshold": json_number(self.threshold),
             "detail": self.detail,
+            "actionable": bool(self.actionable),
         }
         if self.facts is not None:
             event["facts"] = json_safe(dict(self.facts))
@@ -154,6 +162,15 @@ class SpikeDetector:
             return None
         center, scale = self._center_and_scale()
         return (judged - center) / scale
+
+    def bar(self, sigma: float) -> float | None:
+        """The value whose robust z-score is `sigma`, on the metric's own scale; None until the
+        window is full."""
+        if not self.ready:
+            return None
+        center, scale = self._center_and_scale()
+        bar = center + sigma * scale
+        return math.exp(bar) if self.log_scale else bar
 
     def update(self, step: int, value: float) -> Detection | None:
         """Judge `value`, then add it to the window unless it was flagged or not finite."""
@@ -408,6 +425,90 @@ class OutputLogitDetector:
         self._alarmed = bool(state["alarmed"])
 
 
+class LossFollows:
+    """Makes a grad-norm spike actionable only when the loss follows it.
+
+    On clean runs the grad norm has lone upward outliers that the loss does not notice: one batch
+    with an unusually large gradient (under clipping, an update of bounded size), then back to
+    normal. In the CPU proxy study every healthy claim-1 run had such grad-norm spikes between
+    steps 497 and 1200, at robust z 6-8, with the loss's own robust z below 2 on that step and the
+    next ones (docs/divergences.md). A grad-norm spike that matters shows in the loss: a poisoned
+    batch at once, a learning rate that is too high within a few steps.
+
+    So a grad-norm spike stays a detection, recorded with its evidence, but an actionable one only
+    if the loss's robust z-score (against the loss spike detector's window) exceeds `sigma` on its
+    step. Otherwise it is recorded as `actionable=False` and the next `steps` steps wait for the
+    loss: the first whose loss z exceeds `sigma` is an actionable `spike` of the loss, its facts
+    naming the grad-norm step (a rollback should go back before that step). A loss spike of the
+    loss detector's own (6 sigma by default) is actionable by itself and ends the wait; a further
+    grad-norm spike while waiting restarts the count but keeps the first step.
+    """
+
+    def __init__(self, steps: int, sigma: float) -> None:
+        if steps < 0 or sigma <= 0:
+            raise ValueError("need steps >= 0 and sigma > 0")
+        self.steps = steps
+        self.sigma = sigma
+        self._since: int | None = None  # the first grad-norm spike still waiting for the loss
+        self._left = 0
+
+    def _follows(self, loss_z: float | None) -> bool:
+        return loss_z is not None and loss_z > self.sigma
+
+    def update(
+        self,
+        step: int,
+        grad_spike: Detection | None,
+        loss_spike: Detection | None,
+        loss: float,
+        loss_z: float | None,
+        loss_bar: float | None,
+    ) -> tuple[Detection | None, Detection | None]:
+        """This step's grad-norm spike, made record-only unless the loss follows at once, and
+        a confirmation when the loss follows an earlier one; `loss_z` and `loss_bar` (the loss
+        at `sigma`) are judged against the window before this step's loss joins it."""
+        if loss_spike is not None:
+            self._since, self._left = None, 0  # actionable by itself
+            return grad_spike, None
+        if grad_spike is not None:
+            if self._follows(loss_z):
+                self._since, self._left = None, 0
+                return grad_spike, None
+            if self.steps:
+                self._since = step if self._since is None else self._since
+                self._left = self.steps
+            detail = (
+                f"{grad_spike.detail}; record-only unless the loss's robust z exceeds "
+                f"{self.sigma:g} within {self.steps} steps"
+            )
+            return replace(grad_spike, detail=detail, actionable=False), None
+        if self._since is None:
+            return None, None
+        since = self._since
+        self._left -= 1
+        if self._left <= 0:
+            self._since, self._left = None, 0
+        if not self._follows(loss_z):
+            return None, None
+        self._since, self._left = None, 0
+        assert loss_z is not None and loss_bar is not None
+        detail = (
+            f"loss robust z {loss_z:.1f} > {self.sigma:g}, {step - since} steps after the "
+            f"grad-norm spike at step {since}"
+        )
+        facts = {"grad_norm_step": since}
+        return None, Detection("spike", step, "loss", float(loss), loss_bar, detail, facts)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The grad-norm spike awaiting the loss (None) and the steps it still waits."""
+        return {"since": self._since, "left": self._left}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self._since = None if state["since"] is None else int(state["since"])
+        self._left = int(state["left"])
+
+
 class DivergenceDetectors:
     """Every detector of a run, fed from the loop's scalars and the logit telemetry."""
 
@@ -419,6 +520,7 @@ class DivergenceDetectors:
         drift: DriftDetector,
         attn_logit: AttnLogitDetector,
         output_logit: OutputLogitDetector,
+        loss_follows: LossFollows | None = None,
     ) -> None:
         self.nonfinite = nonfinite
         self.loss_spike = loss_spike
@@ -426,6 +528,8 @@ class DivergenceDetectors:
         self.drift = drift
         self.attn_logit = attn_logit
         self.output_logit = output_logit
+        # None: every grad-norm spike is actionable (the detectors as they were before)
+        self.loss_follows = loss_follows
 
     @classmethod
     def from_config(cls, cfg: DivergenceConfig) -> DivergenceDetectors:
@@ -445,16 +549,24 @@ class DivergenceDetectors:
             ),
             attn_logit=AttnLogitDetector(cfg.attn_logit_max, cfg.attn_logit_growth),
             output_logit=OutputLogitDetector(cfg.output_log_z_max),
+            loss_follows=LossFollows(cfg.grad_spike_follow_steps, cfg.grad_spike_follow_sigma),
         )
 
     def update(self, step: int, loss: float, grad_norm: float | None) -> list[Detection]:
         """Detections for one step's loss and grad norm (grad_norm None when not measured)."""
         detections = self.nonfinite.update(step, loss, grad_norm)
-        for detection in (
-            self.loss_spike.update(step, loss),
-            None if grad_norm is None else self.grad_spike.update(step, grad_norm),
-            self.drift.update(step, loss),
-        ):
+        follows = self.loss_follows
+        # the loss judged against the window before it joins: what its spike detector sees
+        loss_z = self.loss_spike.score(loss)
+        loss_bar = None if follows is None else self.loss_spike.bar(follows.sigma)
+        loss_spike = self.loss_spike.update(step, loss)
+        grad_spike = None if grad_norm is None else self.grad_spike.update(step, grad_norm)
+        confirmed = None
+        if follows is not None:
+            grad_spike, confirmed = follows.update(
+                step, grad_spike, loss_spike, loss, loss_z, loss_bar
+            )
+        for detection in (loss_spike, grad_spike, confirmed, self.drift.update(step, loss)):
             if detection is not None:
                 detections.append(detection)
         return detections
@@ -479,17 +591,24 @@ class DivergenceDetectors:
             "drift": self.drift.state_dict(),
             "attn_logit": self.attn_logit.state_dict(),
             "output_logit": self.output_logit.state_dict(),
+            "loss_follows": None if self.loss_follows is None else self.loss_follows.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"detector state version {state.get('version')!r} != {STATE_VERSION}")
+        """Restore what `state_dict` returned, of this version or an older loadable one."""
+        if state.get("version") not in _LOADABLE_VERSIONS:
+            raise ValueError(
+                f"detector state version {state.get('version')!r} is not one of "
+                f"{_LOADABLE_VERSIONS}"
+            )
         self.loss_spike.load_state_dict(state["loss_spike"])
         self.grad_spike.load_state_dict(state["grad_spike"])
         self.drift.load_state_dict(state["drift"])
         self.attn_logit.load_state_dict(state["attn_logit"])
         self.output_logit.load_state_dict(state["output_logit"])
+        if self.loss_follows is not None:
+            waiting = state.get("loss_follows")  # version 1: no grad-norm spike waits
+            self.loss_follows.load_state_dict(waiting or {"since": None, "left": 0})
 
 
 class EvidenceBuffer:

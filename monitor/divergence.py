@@ -82,7 +82,10 @@ class DivergenceWatch:
         self.count += len(detections)
         if self.first_detection_step is None:
             self.first_detection_step = detections[0].step
-        self.last_detection_step = detections[0].step
+        # a loss that followed a grad-norm spike goes back to that spike (a rollback's target)
+        self.last_detection_step = min(
+            int((d.facts or {}).get("grad_norm_step", d.step)) for d in detections
+        )
         evidence = self._evidence()
         for detection in detections:
             self.emit({**detection.to_event(), "time": time.time(), "evidence": evidence})

@@ -76,8 +76,10 @@ class DivergencePolicy:
     def decide(self, detections: Sequence[Detection]) -> Action:
         """The action for one step's detections; RECORD when there are none.
 
-        Under 'rollback' a ROLLBACK answer counts as one rollback taken.
+        Under 'rollback' a ROLLBACK answer counts as one rollback taken. Record-only detections
+        (`actionable` False: sensitive ones that clean runs have too) are recorded, never acted on.
         """
+        detections = [d for d in detections if d.actionable]
         if not detections or self.policy == "record":
             return Action.RECORD
         if self.policy == "skip":

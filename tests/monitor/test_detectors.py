@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +15,16 @@ from monitor.detectors import (
     DivergenceDetectors,
     DriftDetector,
     EvidenceBuffer,
+    LossFollows,
     OutputLogitDetector,
     SpikeDetector,
 )
 
 NUM_STEPS = 2000
 CFG = DivergenceConfig()
+# Steps 1-700 of a real clean run, every step's loss and pre-clip grad norm: claim 1's CPU proxy
+# (configs/sweeps/stream_wd.yaml) at weight decay 0.1, seed 3, fp32, logged every step.
+CLEAN_RUN = Path(__file__).parent / "data" / "clean_stream_wd0.1-s3.csv"
 
 
 def training_curve(seed: int, drift_from: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -32,6 +37,12 @@ def training_curve(seed: int, drift_from: int | None = None) -> tuple[np.ndarray
         loss += 0.002 * np.clip(t - drift_from, 0, None)
     grad_norm = (0.25 + 1.5 * np.exp(-t / 150)) * np.exp(rng.normal(0, 0.1, NUM_STEPS))
     return loss, grad_norm
+
+
+def lift(loss: np.ndarray, step: int, nats: float = 0.22) -> None:
+    """Set the loss at `step` to `nats` above the median of the window before it: robust z
+    ~4 on these curves (std 0.05), between the follow bar (3) and the spike bar (6)."""
+    loss[step] = float(np.median(loss[step - CFG.window : step])) + nats
 
 
 def run(detectors: DivergenceDetectors, loss, grad_norm, start: int = 0) -> list[Detection]:
@@ -87,6 +98,55 @@ def test_grad_norm_spike_is_flagged_once():
     assert detections[0].threshold == pytest.approx(
         np.exp(expected_threshold(window, CFG.grad_spike_sigma, np.log(1.05), 0.0))
     )
+    # the loss did not follow: recorded, not for a policy to act on
+    assert not detections[0].actionable
+    assert detections[0].to_event()["actionable"] is False
+
+
+def test_grad_norm_spike_that_the_loss_follows_is_actionable():
+    loss, grad_norm = training_curve(1)
+    k = 1500
+    grad_norm[k] *= 5
+    lift(loss, k + 2)
+    detections = run(DivergenceDetectors.from_config(CFG), loss, grad_norm)
+    assert [(d.step, d.metric, d.actionable) for d in detections] == [
+        (k, "grad_norm", False),
+        (k + 2, "loss", True),
+    ]
+    follow = detections[1]
+    assert follow.kind == "spike" and follow.facts == {"grad_norm_step": k}
+    assert follow.value == pytest.approx(loss[k + 2]) and follow.value > follow.threshold
+    window = loss[k + 2 - CFG.window : k + 2]
+    assert follow.threshold == pytest.approx(
+        expected_threshold(window, CFG.grad_spike_follow_sigma, CFG.std_floor, 0.0)
+    )
+    # the same rise after the wait (4 steps) is no longer the grad-norm spike's
+    loss, grad_norm = training_curve(1)
+    grad_norm[k] *= 5
+    lift(loss, k + CFG.grad_spike_follow_steps + 1)
+    detections = run(DivergenceDetectors.from_config(CFG), loss, grad_norm)
+    assert [(d.step, d.actionable) for d in detections] == [(k, False)]
+
+
+def test_grad_norm_spike_with_the_loss_up_on_its_own_step_is_actionable():
+    loss, grad_norm = training_curve(1)
+    k = 1500
+    grad_norm[k] *= 5
+    lift(loss, k)  # above the follow bar (3 sigma), under the loss spike's (6 sigma)
+    detections = run(DivergenceDetectors.from_config(CFG), loss, grad_norm)
+    assert [(d.step, d.metric, d.actionable) for d in detections] == [(k, "grad_norm", True)]
+
+
+def test_loss_follows_without_a_wait():
+    """steps=0: only a loss up on the grad-norm spike's own step makes it actionable."""
+    follows = LossFollows(steps=0, sigma=3.0)
+    spike = Detection("spike", 10, "grad_norm", 5.0, 1.0, "z 9 > 6")
+    grad, confirmed = follows.update(10, spike, None, 3.0, 0.5, 3.3)
+    assert grad is not None and not grad.actionable and confirmed is None
+    assert follows.update(11, None, None, 9.0, 50.0, 3.3) == (None, None)
+    assert follows.update(12, spike, None, 9.0, 50.0, 3.3) == (spike, None)
+    with pytest.raises(ValueError):
+        LossFollows(steps=-1, sigma=3.0)
 
 
 def test_log_normal_grad_noise_raises_no_alarm():
@@ -146,6 +206,7 @@ def test_to_event_has_exactly_the_event_fields():
         "value": 5.5,
         "threshold": 4.0,
         "detail": "z 9 > 6",
+        "actionable": True,
     }
     assert Detection("nonfinite", 1, "loss", -math.inf, math.inf, "").to_event()["value"] == "-inf"
     with pytest.raises(ValueError):
@@ -246,6 +307,101 @@ def test_state_of_a_wrong_version_is_refused():
     state = detectors.state_dict() | {"version": 0}
     with pytest.raises(ValueError, match="version"):
         detectors.load_state_dict(state)
+
+
+def test_a_wait_for_the_loss_survives_a_resume_and_version_1_states_load():
+    loss, grad_norm = training_curve(5)
+    grad_norm[800] *= 5
+    lift(loss, 803)
+    expected = run(DivergenceDetectors.from_config(CFG), loss, grad_norm)
+    assert [(d.step, d.actionable) for d in expected] == [(800, False), (803, True)]
+    first = DivergenceDetectors.from_config(CFG)
+    before = run(first, loss[:802], grad_norm[:802])  # resumed while the spike waits
+    state = json.loads(json.dumps(first.state_dict(), allow_nan=False))
+    assert state["version"] == 2 and state["loss_follows"] == {"since": 800, "left": 3}
+    resumed = DivergenceDetectors.from_config(CFG)
+    resumed.load_state_dict(state)
+    assert before + run(resumed, loss, grad_norm, start=802) == expected
+
+    # a checkpoint from before the wait existed: version 1, no `loss_follows`; nothing waits
+    old = {k: v for k, v in state.items() if k != "loss_follows"} | {"version": 1}
+    resumed = DivergenceDetectors.from_config(CFG)
+    resumed.load_state_dict(old)
+    assert resumed.loss_follows.state_dict() == {"since": None, "left": 0}
+    assert run(resumed, loss, grad_norm, start=802) == []
+
+
+def clean_run() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    data = np.loadtxt(CLEAN_RUN, delimiter=",", skiprows=1)
+    return data[:, 0].astype(int), data[:, 1], data[:, 2]
+
+
+def replay(steps, loss, grad_norm, detectors=None) -> list[Detection]:
+    detectors = detectors or DivergenceDetectors.from_config(CFG)
+    detections = []
+    for step, value, norm in zip(steps, loss, grad_norm, strict=True):
+        detections += detectors.update(int(step), float(value), float(norm))
+    return detections
+
+
+def test_recorded_clean_run_has_grad_norm_spikes_that_no_policy_acts_on():
+    """The issue-23 false alarms: lone grad-norm outliers at robust z 6.3-8.2, the loss's own
+    z within +-3 on their steps and the 4 after; recorded, none actionable."""
+    steps, loss, grad_norm = clean_run()
+    assert list(steps) == list(range(1, 701))
+    detections = replay(steps, loss, grad_norm)
+    assert [(d.kind, d.step, d.metric, d.actionable) for d in detections] == [
+        ("spike", 497, "grad_norm", False),
+        ("spike", 567, "grad_norm", False),
+        ("spike", 588, "grad_norm", False),
+    ]
+    assert [round(d.value, 4) for d in detections] == [0.2938, 0.3693, 0.3623]
+    # without the wait for the loss (the detectors before issue 23) all three were actionable
+    detectors = DivergenceDetectors.from_config(CFG)
+    detectors.loss_follows = None
+    assert [(d.step, d.actionable) for d in replay(steps, loss, grad_norm, detectors)] == [
+        (497, True),
+        (567, True),
+        (588, True),
+    ]
+
+
+@pytest.mark.parametrize(
+    "fault, actionable, quiet",
+    [
+        ("loss+1 at 650", [(650, "spike", "loss")], []),
+        ("nan loss at 650", [(650, "nonfinite", "loss")], []),
+        ("inf grad at 650", [(650, "nonfinite", "grad_norm")], []),
+        ("grad x5 at 650, loss 4.1 at 652", [(652, "spike", "loss")], [650]),
+        ("grad x5 at 650, loss 4.1 at 650", [(650, "spike", "grad_norm")], []),
+        ("grad x5 at 650", [], [650]),
+        ("grad x5 at 650, loss 4.1 at 655", [], [650]),
+    ],
+)
+def test_faults_injected_into_the_recorded_clean_run_are_caught_at_their_step(
+    fault, actionable, quiet
+):
+    """Against the window at step 650 the loss's median is ~3.78 and its follow bar (3 sigma)
+    4.006, its spike bar (6 sigma) 4.233; the grad norm's spike bar is 0.541 (it reads 0.325).
+    `quiet`: record-only detections beyond the clean run's three."""
+    steps, loss, grad_norm = clean_run()
+    at = {int(s): i for i, s in enumerate(steps)}
+    for part in fault.split(", "):
+        what, step = part.rsplit(" at ", 1)
+        i = at[int(step)]
+        if what == "loss+1":
+            loss[i] += 1.0
+        elif what == "nan loss":
+            loss[i] = math.nan
+        elif what == "inf grad":
+            grad_norm[i] = math.inf
+        elif what == "grad x5":
+            grad_norm[i] *= 5
+        else:
+            loss[i] = float(what.removeprefix("loss "))
+    detections = replay(steps, loss, grad_norm)
+    assert [(d.step, d.kind, d.metric) for d in detections if d.actionable] == actionable
+    assert [d.step for d in detections if not d.actionable] == [497, 567, 588, *quiet]
 
 
 def test_evidence_buffer_keeps_the_last_steps_as_strict_json():

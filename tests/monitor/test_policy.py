@@ -8,6 +8,7 @@ import pytest
 import configs  # noqa: F401  (import first: monitor.config and configs.schema import each other)
 from monitor.config import DivergenceConfig
 from monitor.detectors import Detection
+from monitor.divergence import DivergenceWatch
 from monitor.policy import Action, DivergenceError, DivergencePolicy
 
 LOSS_SPIKE = Detection("spike", 10, "loss", 9.0, 4.0, "robust z 30 > 6")
@@ -62,6 +63,40 @@ def test_rollbacks_are_counted_until_stop_and_the_count_survives_a_restore():
     restored.load_state_dict(rollback.state_dict())
     assert restored.decide([NAN_LOSS]) is Action.STOP
     assert policy("rollback", max_rollbacks=0).decide([LOG_Z]) is Action.STOP
+
+
+QUIET_GRAD_SPIKE = Detection(
+    "spike", 10, "grad_norm", 9.0, 1.0, "robust z 12 > 6; record-only", actionable=False
+)
+
+
+@pytest.mark.parametrize("name", ["record", "skip", "rollback", "stop"])
+def test_record_only_detections_are_never_acted_on(name):
+    assert policy(name).decide([QUIET_GRAD_SPIKE]) is Action.RECORD
+    rollback = policy("rollback", max_rollbacks=1)
+    assert rollback.decide([QUIET_GRAD_SPIKE, QUIET_GRAD_SPIKE]) is Action.RECORD
+    assert rollback.num_rollbacks == 0  # not counted either
+    # with an actionable detection beside it, the policy acts as on that one alone
+    assert policy(name).decide([QUIET_GRAD_SPIKE, DRIFT]) is policy(name).decide([DRIFT])
+
+
+def test_watch_records_a_quiet_grad_spike_and_rolls_back_to_it_when_the_loss_follows():
+    """A grad-norm spike the loss does not follow is an event but no action; when the loss
+    follows, the rollback's target is the step before the grad-norm spike, not the loss's."""
+    events = []
+    cfg = DivergenceConfig(policy="rollback", window=8)
+    watch = DivergenceWatch(cfg, events.append)
+    for step in range(1, 9):  # fill the windows: loss ~3, grad norm ~0.5
+        assert not watch.veto(step, 3.0 + 0.01 * (step % 3), 0.5 + 0.01 * (step % 2))
+    assert not watch.veto(9, 3.0, 5.0)  # grad norm x10, the loss unmoved
+    assert watch.take_pending() is Action.RECORD
+    assert [(e["step"], e["metric"], e["actionable"]) for e in events] == [(9, "grad_norm", False)]
+    assert watch.first_detection_step == 9
+    assert watch.veto(11, 3.2, 0.5)  # loss z 3.8 > 3 (median 3.01, std floored at 0.05), < 6
+    assert watch.take_pending() is Action.ROLLBACK
+    assert [(e["step"], e["metric"], e["actionable"]) for e in events[1:]] == [(11, "loss", True)]
+    assert events[1]["facts"] == {"grad_norm_step": 9}
+    assert watch.last_detection_step == 9
 
 
 def test_unknown_policy_is_refused():

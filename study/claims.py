@@ -192,8 +192,10 @@ def facts(run: Run) -> Facts:
     norms = norms[np.isfinite(norms)]
     status_diverged = summary.get("status") == "diverged"
     kinds = {k: sum(e["kind"] == k for e in run.detections) for k in DETECTION_KINDS}
+    # a record-only detection (a grad-norm spike the loss did not follow) flags nothing
     events = sorted(
-        (e for e in run.detections if e["kind"] in DIVERGENCE_KINDS), key=lambda e: e["step"]
+        (e for e in run.detections if e["kind"] in DIVERGENCE_KINDS and e.get("actionable", True)),
+        key=lambda e: e["step"],
     )
     first_event = events[0] if events else None
     first_step = first_event["step"] if first_event else None

@@ -399,6 +399,18 @@ def test_claim2_recovered_spike_is_flagged_but_not_a_blow_up(tmp_path: Path) -> 
     assert c2["verdict"] == "cannot tell" and "p=0.0714" in c2["reason"]
 
 
+def test_a_record_only_spike_flags_nothing(tmp_path: Path) -> None:
+    """A grad-norm spike the loss did not follow (`actionable` false, issue 23) is counted by
+    kind but does not flag its run; runs older than the field count every detection."""
+    sweep = divergence_sweep(tmp_path / "d")
+    fp32 = {"precision": "fp32", "optim__weight_decay": 0.0}
+    lone = event(25, "spike", metric="grad_norm", actionable=False)
+    write_sweep_run(sweep, "fp32-s4", run__seed=4, events=[lone], **fp32)
+    c2 = make_report(sweep, out=tmp_path / "o")[0]["claims"]["claim2"]
+    cell = next(c for c in c2["groups"][0]["cells"] if c["precision"] == "fp32")
+    assert (cell["runs"], cell["flagged"], cell["runs_with"]["spike"]) == (4, 0, 1)
+
+
 # --- claim 3 ---------------------------------------------------------------------------------
 
 

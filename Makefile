@@ -25,7 +25,8 @@ test: install slurm
 	$(PYTHON) -m pytest
 
 # The bf16-sensitive tests again on every kernel path below this CPU's (tests/conftest.py).
-BF16_SENSITIVE = tests/monitor tests/postmortem tests/optim/test_engine.py
+BF16_SENSITIVE = tests/monitor tests/postmortem tests/optim/test_engine.py \
+	tests/heal/test_loop.py::test_attention_logits_at_high_lr_in_bf16_are_soft_capped
 test-paths: install
 	@$(PYTHON) -m postmortem.kernel_path --lower-paths | while read -r path; do \
 		echo "== $$path"; env $$path $(PYTHON) -m pytest -q $(BF16_SENSITIVE) </dev/null || exit 1; \

@@ -110,16 +110,23 @@ def test_a_poisoned_batch_is_skipped_and_the_run_ends_as_a_clean_one(tmp_path, c
 
 def test_attention_logits_at_high_lr_in_bf16_are_soft_capped(tmp_path, corpus):
     """bf16, lr 0.1, no decay (the diagnosis test's attention case): the logits cross 1,000;
-    the heal caps them below the detector's threshold and the run trains to its end."""
+    the heal caps them below the detector's threshold and the run trains to its end. Which
+    layer crosses, and when, depends on the CPU's bf16 kernels (issue 19), so later heals of
+    other causes are allowed; the first must be the cap, and it must hold."""
     run_dir = tmp_path / "attn"
     summary = heal_run(run_dir, corpus, **runs.ATTENTION_GROWTH, **{"divergence.policy": "heal"})
     assert summary["status"] == "completed"
-    (healed,) = heals(run_dir)
+    healed = heals(run_dir)[0]
     assert (healed["mechanism"], healed["remedy"]) == ("attention", "attn_softcap")
     (cap,) = [new for _, new in healed["changes"].values()]
     assert 50 <= cap <= 900  # twice the logits at the rollback, below 0.9 x the threshold
     after = [line for s, line in runs.metrics(run_dir).items() if s > healed["rollback_to"]]
     assert all(line["attn_logit_max"] <= cap for line in after)
+    assert not [
+        e
+        for e in runs.detections(run_dir)
+        if e["time"] > healed["time"] and e["kind"] == "attn_logit"
+    ]
     assert all(math.isfinite(line["loss"]) for line in after)
 
 

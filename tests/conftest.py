@@ -4,7 +4,8 @@ CPU kernel paths. bf16 autocast and some fp32 kernels take another code path on 
 so a bf16 value, step or layer measured on one machine is not a property of the code: tests
 assert only what holds on every path (an exact comparison runs in fp32, or is bounded by bf16's
 rounding with the derivation beside it). `make test` prints the path first; `make test-paths`
-reruns the bf16-sensitive tests (tests/monitor, tests/postmortem, tests/optim/test_engine.py)
+reruns the bf16-sensitive tests (tests/monitor, tests/postmortem, tests/optim/test_engine.py,
+the bf16 attention heal of tests/heal/test_loop.py)
 under each path below the machine's own (`python -m postmortem.kernel_path --lower-paths`):
 
 | CPU kind seen                  | native (ATen / oneDNN)   | simulated below it                 |

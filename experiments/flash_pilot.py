@@ -43,8 +43,7 @@ ARMS = (
 )
 
 
-class PilotError(ValueError):
-    """Input the pilot cannot be read from; the message is one line for the user."""
+VERDICT = {True: "yes", False: "no", None: "-"}
 
 
 def arm_of(run: Run) -> str:
@@ -140,25 +139,30 @@ def judge(rows: list[dict[str, Any]]) -> None:
         r["val_minus_fp32"] = None
         if r["arm"] != REFERENCE and ref is not None and math.isfinite(ref):
             r["val_minus_fp32"] = r["final_val_loss"] - ref
-            if not r["final_val_loss"] <= ref + MARGIN:  # NaN counts as above
+            above = not r["final_val_loss"] <= ref + MARGIN  # NaN counts as above
+            if above and r["val_step"] == r["max_steps"]:
                 why.append(f"final val loss > fp32's + {MARGIN:g}")
-        r["diverged"] = bool(why)
-        r["why"] = why
+        finished = r["steps"] >= r["max_steps"] and r["val_step"] == r["max_steps"]
+        # an unfinished run is judged only where rule 1 or 2 already fired
+        r["diverged"] = bool(why) if finished or why else None
+        r["why"] = why if finished or why else ["not finished"]
 
 
 def fisher_table(rows: list[dict[str, Any]], arm: str, against: str) -> list[dict[str, Any]]:
     """Divergences of `arm` against `against`, per lr both ran at and pooled over those lrs,
     with the one-sided Fisher p that `arm` diverges more often, and the smallest p its counts
     allow (what every run of `arm` diverging and none of `against` would give)."""
+    judged = [r for r in rows if r["diverged"] is not None]
     lrs = sorted(
-        {r["lr"] for r in rows if r["arm"] == arm} & {r["lr"] for r in rows if r["arm"] == against}
+        {r["lr"] for r in judged if r["arm"] == arm}
+        & {r["lr"] for r in judged if r["arm"] == against}
     )
     out = []
     for label, chosen in [*((f"{lr:g}", [lr]) for lr in lrs), ("pooled", lrs)]:
         if not chosen or (label == "pooled" and len(lrs) < 2):
             continue
-        a = [r for r in rows if r["arm"] == arm and r["lr"] in chosen]
-        b = [r for r in rows if r["arm"] == against and r["lr"] in chosen]
+        a = [r for r in judged if r["arm"] == arm and r["lr"] in chosen]
+        b = [r for r in judged if r["arm"] == against and r["lr"] in chosen]
         k_a, k_b = sum(r["diverged"] for r in a), sum(r["diverged"] for r in b)
         out.append(
             {
@@ -201,7 +205,7 @@ def runs_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['arm']} | {r['lr']:g} | {r['seed']} | {r['status']} ({r['steps']}) | "
             f"{_num(r['final_train_loss'], '.4f')} | {_num(r['final_val_loss'], '.4f')} | "
             f"{_num(r['val_minus_fp32'], '+.4f')} | "
-            f"{'yes: ' + '; '.join(r['why']) if r['diverged'] else 'no'} | {first} | "
+            f"{VERDICT[r['diverged']]}{': ' + '; '.join(r['why']) if r['why'] else ''} | {first} | "
             f"{_num(r['max_attn_logit'], '.1f')} | {_list(r['tie_frac'], '.3f')} | "
             f"{_list(r['delta_bias_sum'], '+.2e')} | {_list(r['wq_norm_max'], '.2f')} | "
             f"{_num(r['minutes'], '.1f')} |"

@@ -92,6 +92,8 @@ def pilot(tmp_path: Path) -> Path:
     mild = smooth(3.0)
     mild[5] = mild[4] + 0.9
     write_run(root, "bf16-fp32delta", "bf16", "fp32_delta", 0.0, 1e-2, mild, 3.14)
+    # killed at step 20 of 40, 0.5 nat above fp32's val loss there: not judged
+    write_run(root, "bf16-short", "bf16", "dynamic_max", 0.0, 1e-2, smooth(3.0)[:5], 3.55)
     return root
 
 
@@ -110,6 +112,7 @@ def test_the_rule_and_the_rows(pilot: Path, tmp_path: Path) -> None:
     assert rows["bf16-wd"]["why"] == ["final val loss > fp32's + 0.1"]
     assert rows["bf16-all"]["nonfinite"]
     assert not rows["bf16-fp32delta"]["diverged"]
+    assert rows["bf16-short"]["diverged"] is None and rows["bf16-short"]["why"] == ["not finished"]
     assert rows["bf16-fp32delta"]["arm"] == "bf16 wd0 fp32_delta"
     assert rows["bf16-wd"]["arm"] == "bf16 wd0.1"
     assert rows["fp32"]["final_train_loss"] == pytest.approx(sum(smooth(3.0)[-5:]) / 5)
@@ -142,7 +145,9 @@ def test_pooled_over_learning_rates(tmp_path: Path) -> None:
         for lr in (1e-3, 3e-3, 1e-2)
         for arm in ("fp32 wd0", "bf16 wd0")
     ]
+    rows.append({"arm": "bf16 wd0", "lr": 3e-2, "seed": 1, "diverged": None})  # not finished
     tests = flash_pilot.fisher_table(rows, "bf16 wd0", "fp32 wd0")
+    assert [t["lr"] for t in tests] == ["0.001", "0.003", "0.01", "pooled"]
     pooled = tests[-1]
     assert pooled["lr"] == "pooled" and pooled["diverged"] == [3, 3]
     assert pooled["p"] == pytest.approx(1 / 20)  # 1 / C(6, 3)

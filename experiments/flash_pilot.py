@@ -31,7 +31,6 @@ from study.stats import fisher_greater
 BLOWUP = 1.0  # nats above the running minimum of the logged train loss
 MARGIN = 0.10  # nats of final val loss above the fp32 wd 0 run at the same lr
 LAST = 5  # logged train losses averaged into the final train loss
-LAYER = 1  # the figure's layer (the one that forms near-tied rows in this model)
 REFERENCE = "fp32 wd0"
 ARMS = (
     REFERENCE,
@@ -228,17 +227,20 @@ def divergence_table(tests: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+# (key, title, log axis); "{i}" stands for the layer: layer 1 solid, layer 0 dashed
 PANELS = (
-    ("loss", "train loss", False),
-    (f"attn_tie_frac/layer{LAYER}", f"tie-row fraction, layer {LAYER}", False),
-    (f"attn_delta_bias_sum/layer{LAYER}", f"delta-bias running sum, layer {LAYER}", False),
-    (f"attn_wq_norm/layer{LAYER}", f"W_Q spectral norm (max over heads), layer {LAYER}", False),
-    ("attn_logit_max", "max attention logit (all layers)", True),
+    ("loss", "train loss (points: val loss)", False),
+    ("attn_tie_frac/layer{i}", "tie-row fraction", False),
+    ("attn_delta_bias_sum/layer{i}", "delta-bias running sum", False),
+    ("attn_wq_norm/layer{i}", "W_Q spectral norm, max over heads", False),
+    ("attn_logit_max", "max attention logit, all layers", True),
 )
+LAYER_STYLES = ((1, "-"), (0, "--"))
 
 
 def figure(runs: list[Run], path: Path) -> Path:
-    """The mechanism's telemetry against step: one row per lr, one line per arm."""
+    """The mechanism's telemetry against step: one row per lr, one color per arm; per-layer
+    readings solid for layer 1, dashed for layer 0."""
     import matplotlib.pyplot as plt  # Agg: study.plots selected it on import
 
     lrs = sorted({float(r.flat_config.get("optim.lr")) for r in runs})
@@ -251,22 +253,32 @@ def figure(runs: list[Run], path: Path) -> Path:
         ax = grid[i, j]
         ax.grid(True, alpha=0.3)
         ax.set_xlabel("step", fontsize=8)
-        key, title, log = PANELS[j]
-        ax.set_title(f"{title}\nlr {lrs[i]:g}", fontsize=8)
+        pattern, title, log = PANELS[j]
+        per_layer = "{i}" in pattern
+        ax.set_title(
+            f"{title}{' (L1 solid, L0 dashed)' if per_layer else ''}\nlr {lrs[i]:g}", fontsize=8
+        )
         for run in runs:
             if float(run.flat_config.get("optim.lr")) != lrs[i]:
                 continue
             arm = arm_of(run)
-            steps = np.asarray(sorted(s for s in run.metrics if key in run.metrics[s]))
-            values = [run.metrics[s][key] for s in steps]
-            if key.startswith("attn_wq_norm"):
-                values = [max(v) for v in values]
-            values = finite(np.asarray(values, dtype=np.float64), positive=log)
-            (line,) = ax.plot(steps, values, color=colors.get(arm, "black"), lw=1.0)
-            handles.setdefault(arm, line)
+            for layer, style in LAYER_STYLES if per_layer else ((None, "-"),):
+                key = pattern.format(i=layer)
+                steps = np.asarray(sorted(s for s in run.metrics if key in run.metrics[s]))
+                values = [run.metrics[s][key] for s in steps]
+                if key.startswith("attn_wq_norm"):
+                    values = [max(v) for v in values]
+                values = finite(np.asarray(values, dtype=np.float64), positive=log)
+                color = colors.get(arm, "black")
+                (line,) = ax.plot(steps, values, style, color=color, lw=1.0)
+                if style == "-":
+                    handles.setdefault(arm, line)
+            if pattern == "loss":  # the val losses as points
+                val_steps, vals = run.val_series()
+                ax.plot(val_steps, vals, "o", color=colors.get(arm, "black"), ms=3)
         if log:
             ax.set_yscale("log")
-        if key == "loss":
+        if pattern == "loss":
             ax.set_ylim(top=5.0)
     order = [a for a in ARMS if a in handles] + [a for a in handles if a not in ARMS]
     return save_figure(

@@ -88,6 +88,21 @@ def blowup_step(steps: np.ndarray, losses: np.ndarray, warmup: int) -> int | Non
     return None
 
 
+def _mean(values: np.ndarray) -> float | None:
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else None
+
+
+def delta_bias_t(run: Run, layer: int) -> float | None:
+    """The delta-bias readings' mean over its standard error: how far their running sum lies from
+    zero in units of a random walk's spread (|t| > 2: a one-signed, growing bias)."""
+    _, values = run.series(f"attn_delta_bias/layer{layer}")
+    values = values[np.isfinite(values)]
+    if values.size < 3 or values.std(ddof=1) == 0:
+        return None
+    return float(values.mean() / (values.std(ddof=1) / math.sqrt(values.size)))
+
+
 def row_of(run: Run) -> dict[str, Any]:
     """One run's row: identity, losses, detections and the mechanism's readings."""
     cfg = run.flat_config
@@ -119,6 +134,10 @@ def row_of(run: Run) -> dict[str, Any]:
         "max_attn_logit": float(np.nanmax(logits)) if logits.size else math.nan,
         "tie_frac": [_last(run, f"attn_tie_frac/layer{i}") for i in range(n_layer)],
         "delta_bias_sum": [_last(run, f"attn_delta_bias_sum/layer{i}") for i in range(n_layer)],
+        "delta_bias_t": [delta_bias_t(run, i) for i in range(n_layer)],
+        "delta_coherence_mean": [
+            _mean(run.series(f"attn_delta_coherence/layer{i}")[1]) for i in range(n_layer)
+        ],
         "wq_norm_max": [max(w) if w else None for w in wq],
         "minutes": _minutes(run),
         "kernel_path": run.kernel_path,
@@ -136,10 +155,10 @@ def judge(rows: list[dict[str, Any]]) -> None:
             why.append(f"loss +{BLOWUP:g} nat over its minimum at step {r['blowup_step']}")
         ref = reference.get(r["lr"])
         r["val_minus_fp32"] = None
-        if r["arm"] != REFERENCE and ref is not None and math.isfinite(ref):
+        at_end = r["val_step"] == r["max_steps"]
+        if r["arm"] != REFERENCE and ref is not None and math.isfinite(ref) and at_end:
             r["val_minus_fp32"] = r["final_val_loss"] - ref
-            above = not r["final_val_loss"] <= ref + MARGIN  # NaN counts as above
-            if above and r["val_step"] == r["max_steps"]:
+            if not r["final_val_loss"] <= ref + MARGIN:  # NaN counts as above
                 why.append(f"final val loss > fp32's + {MARGIN:g}")
         finished = r["steps"] >= r["max_steps"] and r["val_step"] == r["max_steps"]
         # an unfinished run is judged only where rule 1 or 2 already fired
@@ -193,8 +212,8 @@ def runs_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| arm | lr | seed | status | final train | final val | val - fp32 | diverged | "
         "first detection | max attn logit | tie frac L0 / L1 | delta-bias sum L0 / L1 | "
-        "max W_Q norm L0 / L1 | minutes |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "delta-bias t L0 / L1 | max W_Q norm L0 / L1 | minutes |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -206,7 +225,8 @@ def runs_table(rows: list[dict[str, Any]]) -> str:
             f"{_num(r['val_minus_fp32'], '+.4f')} | "
             f"{VERDICT[r['diverged']]}{': ' + '; '.join(r['why']) if r['why'] else ''} | {first} | "
             f"{_num(r['max_attn_logit'], '.1f')} | {_list(r['tie_frac'], '.3f')} | "
-            f"{_list(r['delta_bias_sum'], '+.2e')} | {_list(r['wq_norm_max'], '.2f')} | "
+            f"{_list(r['delta_bias_sum'], '+.2e')} | {_list(r['delta_bias_t'], '+.1f')} | "
+            f"{_list(r['wq_norm_max'], '.2f')} | "
             f"{_num(r['minutes'], '.1f')} |"
         )
     return head + "\n".join(lines) + "\n"

@@ -51,6 +51,8 @@ def write_run(
                 "attn_tie_frac/layer1": 0.3 - step / 400,
                 "attn_delta_bias_sum/layer0": 1e-5 * step,
                 "attn_delta_bias_sum/layer1": -1e-5 * step,
+                "attn_delta_bias/layer0": 1e-6 * (2 + (-1) ** i),  # one-signed: 3, 1, 3, ...
+                "attn_delta_bias/layer1": 1e-6 * (-1) ** i,  # alternating: mean 0
                 "attn_wq_norm/layer0": [1.0, 1.5],
                 "attn_wq_norm/layer1": [2.0, 1.0 + step / 10],
             }
@@ -119,6 +121,9 @@ def test_the_rule_and_the_rows(pilot: Path, tmp_path: Path) -> None:
     assert rows["fp32"]["wq_norm_max"] == [1.5, 1.0 + 40 / 10]
     assert rows["fp32"]["tie_frac"] == [0.1, 0.3 - 40 / 400]
     assert rows["fp32"]["max_attn_logit"] == 42.0
+    # layer 0: mean 2e-6, sd 1.054e-6 over 10 readings; layer 1: mean 0
+    assert rows["fp32"]["delta_bias_t"] == pytest.approx([2 / (1.0541 / 10**0.5), 0.0], abs=1e-3)
+    assert rows["bf16-short"]["val_minus_fp32"] is None
     # 3 s a step from step 4 to step 40, scaled to cover steps 0-4: 120 s
     assert rows["fp32"]["minutes"] == pytest.approx(2.0)
     assert (out / "telemetry.png").stat().st_size > 10_000

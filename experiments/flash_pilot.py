@@ -135,6 +135,9 @@ def row_of(run: Run) -> dict[str, Any]:
         "tie_frac": [_last(run, f"attn_tie_frac/layer{i}") for i in range(n_layer)],
         "delta_bias_sum": [_last(run, f"attn_delta_bias_sum/layer{i}") for i in range(n_layer)],
         "delta_bias_t": [delta_bias_t(run, i) for i in range(n_layer)],
+        "delta_bias_mean_abs": [
+            _mean(np.abs(run.series(f"attn_delta_bias/layer{i}")[1])) for i in range(n_layer)
+        ],
         "delta_coherence_mean": [
             _mean(run.series(f"attn_delta_coherence/layer{i}")[1]) for i in range(n_layer)
         ],

@@ -19,7 +19,7 @@ from common.run_lock import RunLockError
 from configs import ConfigError, key_table, load_config
 from data.dataset import DataError
 from heal import run
-from launch.distributed import close_distributed, lost_peer_error
+from launch.distributed import close_distributed, lost_peer_error, say_lost
 
 USAGE = """python train.py [CONFIG.yaml] [section.key=value ...]
 
@@ -55,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:
         lost = lost_peer_error(err)  # a collective that failed because a peer is gone
-        if lost is None:
-            traceback.print_exc()
+        if lost is not None:
+            say_lost(lost)  # unless the heartbeat's watch said it first
+            return 1
+        traceback.print_exc()
         rank = os.environ.get("RANK", "0")
-        print(lost or f"rank {rank}: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"rank {rank}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     if summary["status"] == "stopped":  # Ctrl-C, saved: a shell's `&&` chain stops too
         return 130

@@ -10,6 +10,7 @@ looks for the counters that stopped.
 
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -127,6 +128,7 @@ class Heartbeat:
         self._store: torch.distributed.TCPStore | None = None
         self._stop = threading.Event()
         self._watch: tuple[float, Callable[[str], None]] | None = None
+        self.said: str | None = None  # the lost-peer line this process printed (`say_lost`)
 
     def start(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
@@ -144,8 +146,8 @@ class Heartbeat:
 
     def watch(self, silent_s: float, on_lost: Callable[[str], None]) -> None:
         """From now on, report a peer whose counter stood still for `silent_s` (and that did not
-        leave), or a store that went away, once: `on_lost(line)` from the heartbeat thread,
-        with the line `lost_peer_error` would give.
+        leave), or a store that went away, once: `say_lost(line)` and `on_lost(line)` from the
+        heartbeat thread, with the line `lost_peer_error` would give.
 
         Under NCCL a collective waiting on a lost peer is aborted by NCCL's watchdog at the
         timeout, with no exception for `lost_peer_error` to see: this is the run's one chance
@@ -168,8 +170,7 @@ class Heartbeat:
             except RuntimeError:  # the store is gone (torch's DistError is a RuntimeError)
                 if self._watch is not None:
                     silent_s, on_lost = self._watch
-                    self._watch = None
-                    on_lost(lost_line(self.rank, None, silent_s))
+                    self._lost(lost_line(self.rank, None, silent_s), on_lost)
                 return
 
     def _check(
@@ -185,8 +186,13 @@ class Heartbeat:
         silent = [r for r in peers if now - seen[r][1] >= silent_s]
         lost = [r for r in silent if not self._store.check([self._key("left", r)])]
         if lost:
-            self._watch = None
-            on_lost(lost_line(self.rank, lost, silent_s))
+            self._lost(lost_line(self.rank, lost, silent_s), on_lost)
+
+    def _lost(self, line: str, on_lost: Callable[[str], None]) -> None:
+        """Say the line and hand it to the watcher, once."""
+        self._watch = None
+        say_lost(line)
+        on_lost(line)
 
     def lost_ranks(self) -> list[int] | None:
         """The peers whose counter stood still for PROBE_S and who did not leave; None when the
@@ -251,6 +257,14 @@ def lost_line(rank: int, lost: list[int] | None, silent_s: float) -> str:
         f"{silent_s:.0f} s: the process died or hangs, or its node is gone); rerun to resume "
         "from the last checkpoint"
     )
+
+
+def say_lost(line: str) -> None:
+    """Print a lost-peer line on stderr, the first one only: the heartbeat's watch may have said
+    it before the failed collective raised (gloo), or before an abort (NCCL)."""
+    if _heartbeat.said is None:
+        _heartbeat.said = line
+        print(line, file=sys.stderr, flush=True)
 
 
 def watch_peers(silent_s: float, on_lost: Callable[[str], None]) -> None:

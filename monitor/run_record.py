@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -231,11 +230,10 @@ class RunRecord:
                 self.written = summary
 
     def lost_peer(self, line: str) -> None:
-        """The heartbeat found a peer gone (`launch.distributed.watch_peers`): say so and record
-        the run failed now, while this process lives (NCCL may abort it at the collective
-        timeout); a later `fail` keeps the line as the error."""
+        """The heartbeat found a peer gone (`launch.distributed.watch_peers`, which has printed
+        the line): record the run failed now, while this process lives (NCCL may abort it at
+        the collective timeout); a later `fail` keeps the line as the error."""
         self.lost = line
-        print(line, file=sys.stderr, flush=True)
         if self.active:
             failed = {**self._empty(), **self.previous, **(self.written or {}), "status": "failed"}
             self._write({**failed, "error": line, "time": time.time()})

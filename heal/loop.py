@@ -29,7 +29,7 @@ from checkpoint import layout
 from common.files import read_jsonl, write_json_atomic
 from configs import with_changes
 from configs.schema import TrainConfig
-from heal.remedies import Remedy, Situation, choose
+from heal.remedies import Remedy, Situation, bound_reached, choose
 from launch.distributed import init_distributed
 from postmortem import replay
 from postmortem.diagnose import append_record, diagnose, diagnose_stop
@@ -73,7 +73,7 @@ def count_heals(run_dir: Path, summary: dict[str, Any], writer: bool) -> dict[st
     detections = [e["step"] for e in events if "metric" in e]
     summary = {
         **summary,
-        "heals": len(heals_of(run_dir)),
+        "heals": len(_acted(events)),
         "divergences": len(detections),
         "first_divergence_step": min(detections, default=None),
     }
@@ -84,7 +84,10 @@ def count_heals(run_dir: Path, summary: dict[str, Any], writer: bool) -> dict[st
 
 def heals_of(run_dir: Path) -> list[dict[str, Any]]:
     """The heals a run has made (its `heal` events that acted), oldest first."""
-    events = read_jsonl(run_dir / "events.jsonl")
+    return _acted(read_jsonl(run_dir / "events.jsonl"))
+
+
+def _acted(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e["kind"] == "heal" and e["action"] == "heal"]
 
 
@@ -114,22 +117,19 @@ def heal(cfg: TrainConfig, run_dir: Path, step: int) -> Path | None:
     index = replay.stopping_detection(run_dir, step)
     detection = replay.detections(run_dir)[index]
     record = {"step": step, "kind": "heal", "event": index, "detection": _brief(detection)}
-    if len(heals) >= cfg.divergence.heal.max_heals:  # no diagnosis to pay for
-        reason = f"divergence.heal.max_heals={cfg.divergence.heal.max_heals} heals were made"
-        return _stop(run_dir, record, reason)
+    bound = bound_reached(heals, cfg)
+    if bound is not None:  # no diagnosis to pay for
+        return _stop(run_dir, record, bound)
     try:
         result = diagnose(run_dir, index, cfg.divergence.heal.batches)
     except Exception as err:  # a heal that cannot diagnose stops; the run's record stays
         return _stop(run_dir, record, f"the diagnosis failed: {type(err).__name__}: {err}")
     checkpoint = Path(result["checkpoint"])
+    rollback = layout.step_of(checkpoint)
     mechanism = result["mechanisms"][0]["name"]
     batch = result["suspect_batch"]
-    at = Situation(
-        cfg,
-        layout.step_of(checkpoint),
-        batch["position"] if batch else None,
-        _attn_logit_max(run_dir, layout.step_of(checkpoint)),
-    )
+    position = batch["position"] if batch else None
+    at = Situation(cfg, rollback, position, _attn_logit_max(run_dir, rollback))
     chosen = choose(mechanism, detection, heals, at)
     record.update(
         cause=result["cause"],
@@ -141,12 +141,13 @@ def heal(cfg: TrainConfig, run_dir: Path, step: int) -> Path | None:
         if mechanism == "undetermined":  # say why the diagnosis could not tell
             chosen = f"the diagnosis could not tell the cause: {result['cause_evidence']}"
         return _stop(run_dir, record, chosen)
-    _record(run_dir, {**record, **_healed(chosen, checkpoint, step, len(heals), began)})
+    _record(run_dir, {**record, **_healed(chosen, checkpoint, rollback, step, len(heals), began)})
     return checkpoint
 
 
-def _healed(remedy: Remedy, checkpoint: Path, step: int, made: int, began: float) -> dict[str, Any]:
-    rollback = layout.step_of(checkpoint)
+def _healed(
+    remedy: Remedy, checkpoint: Path, rollback: int, step: int, made: int, began: float
+) -> dict[str, Any]:
     return {
         "action": "heal",
         "remedy": remedy.name,

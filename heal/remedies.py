@@ -131,8 +131,9 @@ def choose(
     """The remedy for `detection` diagnosed as `mechanism`, given the run's earlier `heals`
     (their events); or, when the run must stop, the reason why."""
     h = at.cfg.divergence.heal
-    if len(heals) >= h.max_heals:
-        return f"divergence.heal.max_heals={h.max_heals} heals were made already"
+    bound = bound_reached(heals, at.cfg)
+    if bound is not None:
+        return bound
     ladder = LADDERS.get(mechanism)
     if ladder is None:
         return f"the diagnosis named no mechanism with a remedy ({mechanism})"
@@ -147,6 +148,15 @@ def choose(
     return (
         f"every remedy for {mechanism} ({tried}) was tried or is in force, and "
         f"{detection['kind']} of {detection['metric']} came back"
+    )
+
+
+def bound_reached(heals: Sequence[Mapping[str, Any]], cfg: TrainConfig) -> str | None:
+    """Why no heal may follow the run's `heals` (`divergence.heal.max_heals` made), or None;
+    asked before a diagnosis is paid for, and again by `choose`."""
+    most = cfg.divergence.heal.max_heals
+    return (
+        f"divergence.heal.max_heals={most} heals were made already" if len(heals) >= most else None
     )
 
 

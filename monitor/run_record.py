@@ -235,8 +235,7 @@ class RunRecord:
         the collective timeout); a later `fail` keeps the line as the error."""
         self.lost = line
         if self.active:
-            failed = {**self._empty(), **self.previous, **(self.written or {}), "status": "failed"}
-            self._write({**failed, "error": line, "time": time.time()})
+            self._write(self._failed(line))
 
     def fail(self, err: BaseException) -> None:
         """After an exception: summary `failed` with the error, then close everything.
@@ -245,9 +244,7 @@ class RunRecord:
         (a rerun that failed at start-up did not change the run).
         """
         if self.written is not None or self.previous.get("status") != "completed":
-            failed = {**self._empty(), **self.previous, **(self.written or {}), "status": "failed"}
-            failed.update(final_loss=self.final_loss, final_val_loss=self.final_val_loss)
-            failed.update(error=self.lost or f"{type(err).__name__}: {err}", time=time.time())
+            failed = self._failed(self.lost or f"{type(err).__name__}: {err}")
             try:
                 self._write(failed)
             except OSError:  # a full disk must not hide the error that filled it
@@ -257,6 +254,13 @@ class RunRecord:
             self.close()
         except OSError:  # buffered lines that no longer fit: the summary above has the error
             pass
+
+    def _failed(self, error: str) -> dict[str, Any]:
+        """The summary of this run failed now with `error`: the last one written (or resumed),
+        with its newest losses."""
+        failed = {**self._empty(), **self.previous, **(self.written or {}), "status": "failed"}
+        failed.update(final_loss=self.final_loss, final_val_loss=self.final_val_loss)
+        return {**failed, "error": error, "time": time.time()}
 
     @staticmethod
     def _empty() -> dict[str, Any]:

@@ -70,7 +70,10 @@ def bench_config(args: argparse.Namespace) -> TrainConfig:
         sweep = load_sweep(args.sweep)
         base = sweep.base
         sweep_overrides = [override_text(k, v) for k, v in sweep.overrides.items()]
-    return load_config(base, sweep_overrides + [f"{k}={v}" for k, v in overrides.items()])
+    cfg = load_config(base, sweep_overrides + [f"{k}={v}" for k, v in overrides.items()])
+    if "zero_stage" not in cfg.model_fields_set:  # the stage a fresh run on one rank chooses
+        cfg = cfg.model_copy(update={"zero_stage": 0})  # (checkpoint.resume.choose_zero_stage)
+    return cfg
 
 
 def reference_step(cfg: TrainConfig, device: torch.device, batch) -> Callable[[], Any]:
@@ -160,7 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", choices=("tiny", "default", *PRESETS), default="default")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None)
+    parser.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=None,
+        help="default: the config's stage if it sets one, else 0, as a run on one rank",
+    )
     parser.add_argument("--micro-batch-size", type=int, default=None)
     parser.add_argument("--vocab-size", type=int, default=None, help="model.vocab_size")
     parser.add_argument("--compile", action="store_true", help="torch.compile both (GPU)")

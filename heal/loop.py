@@ -31,6 +31,7 @@ from configs import with_changes
 from configs.schema import TrainConfig
 from heal.remedies import Remedy, Situation, bound_reached, choose
 from launch.distributed import init_distributed
+from monitor.detectors import began_at
 from postmortem import replay
 from postmortem.diagnose import append_record, diagnose, diagnose_stop
 from trainer.trainer import hold_run_lock
@@ -70,12 +71,14 @@ def count_heals(run_dir: Path, summary: dict[str, Any], writer: bool) -> dict[st
     """The summary with `heals` and the detections of every trajectory: each heal resumed a
     checkpoint whose watch had not seen the detections after it (`writer`: rank 0 writes)."""
     events = read_jsonl(run_dir / "events.jsonl")
-    detections = [e["step"] for e in events if "metric" in e]
+    found = [e for e in events if "metric" in e]
+    detections = [began_at(e["step"], e.get("facts")) for e in found if e.get("actionable", True)]
     summary = {
         **summary,
         "heals": len(_acted(events)),
         "divergences": len(detections),
         "first_divergence_step": min(detections, default=None),
+        "record_only_detections": len(found) - len(detections),
     }
     if writer:
         write_json_atomic(run_dir / "summary.json", summary)

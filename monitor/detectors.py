@@ -38,6 +38,12 @@ STATE_VERSION = 2
 _LOADABLE_VERSIONS = (1, 2)
 
 
+def began_at(step: int, facts: Mapping[str, Any] | None) -> int:
+    """The step a detection at `step` with `facts` began: a loss that followed a grad-norm spike
+    began at that spike (a rollback's target, a run's first divergence)."""
+    return int((facts or {}).get("grad_norm_step", step))
+
+
 def _optional_float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
@@ -62,6 +68,11 @@ class Detection:
     def __post_init__(self) -> None:
         if self.kind not in get_args(DetectionKind):
             raise ValueError(f"unknown detection kind {self.kind!r}")
+
+    @property
+    def began(self) -> int:
+        """The step its divergence began (`began_at`)."""
+        return began_at(self.step, self.facts)
 
     def to_event(self) -> dict[str, Any]:
         """The events.jsonl fields of this detection (the sink adds `time`); strict JSON."""

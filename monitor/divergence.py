@@ -31,9 +31,12 @@ class DivergenceWatch:
         # this step's gate reading, held until its telemetry (if any) joins it in the evidence
         self._open: tuple[int, dict[str, Any]] | None = None
         self.pending: Action = Action.RECORD
+        # the actionable detections only (`count`, and where the first and the last began); the
+        # record-only ones are counted apart: they fire on healthy runs too
         self.first_detection_step: int | None = None
         self.last_detection_step: int | None = None
         self.count = 0
+        self.record_only = 0
         self.last_detections: list[Detection] = []
 
     def veto(self, step: int, loss: float, grad_norm: float) -> bool:
@@ -79,13 +82,14 @@ class DivergenceWatch:
         self.last_detections = detections
         if not detections:
             return Action.RECORD
-        self.count += len(detections)
-        if self.first_detection_step is None:
-            self.first_detection_step = detections[0].step
-        # a loss that followed a grad-norm spike goes back to that spike (a rollback's target)
-        self.last_detection_step = min(
-            int((d.facts or {}).get("grad_norm_step", d.step)) for d in detections
-        )
+        acted = [d for d in detections if d.actionable]
+        self.count += len(acted)
+        self.record_only += len(detections) - len(acted)
+        if acted:
+            began = min(d.began for d in acted)
+            if self.first_detection_step is None:
+                self.first_detection_step = began
+            self.last_detection_step = began
         evidence = self._evidence()
         for detection in detections:
             self.emit({**detection.to_event(), "time": time.time(), "evidence": evidence})
@@ -108,6 +112,7 @@ class DivergenceWatch:
             "policy": self.policy.state_dict(),
             "evidence": self.evidence.state_dict(),
             "count": self.count,
+            "record_only": self.record_only,
             "first_detection_step": self.first_detection_step,
         }
 
@@ -123,4 +128,5 @@ class DivergenceWatch:
             return
         self.policy.load_state_dict(state["policy"])
         self.count = state["count"]
+        self.record_only = state.get("record_only", 0)  # checkpoints from before the count
         self.first_detection_step = state["first_detection_step"]

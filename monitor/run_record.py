@@ -124,7 +124,6 @@ class RunRecord:
         self.cfg = cfg
         self.sinks: list[Any] = []
         self.progress: Progress | None = None
-        self.first_detection_step: int | None = None
         self.previous = previous or {}
         self.written: dict[str, Any] | None = None  # the last summary this process wrote
         self.lost: str | None = None  # the line of a lost peer (`lost_peer`), if one was
@@ -217,6 +216,7 @@ class RunRecord:
             "final_val_loss": self.final_val_loss,
             "divergences": watch.count,
             "first_divergence_step": watch.first_detection_step,
+            "record_only_detections": watch.record_only,
             "time": time.time(),
         }
         self._write(summary)
@@ -271,6 +271,7 @@ class RunRecord:
             "final_val_loss": None,
             "divergences": 0,
             "first_divergence_step": None,
+            "record_only_detections": 0,
         }
 
     def close(self) -> None:

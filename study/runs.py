@@ -218,9 +218,9 @@ def _computed_summary(
 ) -> dict[str, Any]:
     """What summary.json would say, from the other files (status cannot be known)."""
     train_steps = sorted(metrics)
-    detection_steps = [
-        s for e in events if e.get("kind") in DETECTION_KINDS and (s := _step(e)) is not None
-    ]
+    detections = [e for e in events if e.get("kind") in DETECTION_KINDS and _step(e) is not None]
+    # a record-only detection (a grad-norm spike the loss did not follow) is no divergence
+    detection_steps = [_step(e) for e in detections if e.get("actionable", True)]
     loss_steps = [s for s in train_steps if "loss" in metrics[s]]
     return {
         "status": "unknown",
@@ -229,6 +229,7 @@ def _computed_summary(
         "final_val_loss": val[max(val)] if val else None,
         "divergences": len(detection_steps),
         "first_divergence_step": min(detection_steps) if detection_steps else None,
+        "record_only_detections": len(detections) - len(detection_steps),
     }
 
 

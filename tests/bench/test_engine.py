@@ -38,3 +38,8 @@ def test_sweep_flag_times_the_sweeps_model() -> None:
 def test_bench_model_flags(args, shape):
     m = bench_config(build_parser().parse_args(args)).model
     assert (m.n_layer, m.n_embd, m.vocab_size, m.block_size) == shape
+
+
+@pytest.mark.parametrize(("args", "stage"), [([], 0), (["--zero-stage", "1"], 1)])
+def test_bench_times_the_stage_a_run_on_one_rank_would_choose(args, stage):
+    assert bench_config(build_parser().parse_args(args)).zero_stage == stage

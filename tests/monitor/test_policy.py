@@ -91,12 +91,18 @@ def test_watch_records_a_quiet_grad_spike_and_rolls_back_to_it_when_the_loss_fol
     assert not watch.veto(9, 3.0, 5.0)  # grad norm x10, the loss unmoved
     assert watch.take_pending() is Action.RECORD
     assert [(e["step"], e["metric"], e["actionable"]) for e in events] == [(9, "grad_norm", False)]
-    assert watch.first_detection_step == 9
+    # counted apart: no divergence yet, so nothing to pin or roll back to
+    assert (watch.count, watch.record_only, watch.first_detection_step) == (0, 1, None)
     assert watch.veto(11, 3.2, 0.5)  # loss z 3.8 > 3 (median 3.01, std floored at 0.05), < 6
     assert watch.take_pending() is Action.ROLLBACK
     assert [(e["step"], e["metric"], e["actionable"]) for e in events[1:]] == [(11, "loss", True)]
     assert events[1]["facts"] == {"grad_norm_step": 9}
-    assert watch.last_detection_step == 9
+    # the divergence began at the grad-norm spike: the run's first, and the rollback's target
+    assert (watch.count, watch.record_only) == (1, 1)
+    assert watch.first_detection_step == watch.last_detection_step == 9
+    restored = DivergenceWatch(cfg, events.append)
+    restored.load_state_dict(watch.state_dict())
+    assert (restored.count, restored.record_only, restored.first_detection_step) == (1, 1, 9)
 
 
 def test_unknown_policy_is_refused():

@@ -77,7 +77,8 @@ def test_clean_run_of_300_steps_records_no_detection(tmp_path, corpus):
     summary = runs.run(run_dir, corpus, **{"train.max_steps": 300, "checkpoint.interval": 0})
     assert summary["status"] == "completed" and summary["steps"] == 300
     assert runs.detections(run_dir) == []
-    assert summary["divergences"] == 0 and summary["first_divergence_step"] is None
+    assert (summary["divergences"], summary["record_only_detections"]) == (0, 0)
+    assert summary["first_divergence_step"] is None
     lines = runs.metrics(run_dir)
     assert sorted(lines) == list(range(1, 301))
     assert lines[300]["loss"] < lines[1]["loss"] - 1.5  # it learned: ~5.5 -> below 4

@@ -29,7 +29,7 @@ from study.runs import (
     varying_keys,
 )
 from study.sensitivity import lr_groups, lr_sensitivity
-from tests.study.conftest import config_with, train_line, write_run
+from tests.study.conftest import config_with, event, train_line, write_run
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -94,6 +94,15 @@ def test_a_config_changed_mid_run_is_credited_to_its_steps(tmp_path: Path) -> No
     assert bare.config_at(1)["optim.lr"] == 3.0 and not bare.config_history
 
 
+def test_a_record_only_detection_is_counted_apart_from_the_divergences(tmp_path: Path) -> None:
+    quiet = event(4, "spike", metric="grad_norm", actionable=False)
+    lines = [train_line(s, 4.0) for s in range(1, 9)]
+    run = load_run(write_run(tmp_path, "r", config_with(), lines, [quiet, event(6, "drift")]))
+    summary = run.summary
+    assert (summary["divergences"], summary["first_divergence_step"]) == (1, 6)
+    assert summary["record_only_detections"] == 1
+
+
 def test_truncated_last_line_and_missing_summary(sweep_dir: Path) -> None:
     run = load_run(sweep_dir / "wd0.1-fp32")
     assert max(run.metrics) == 18
@@ -104,6 +113,7 @@ def test_truncated_last_line_and_missing_summary(sweep_dir: Path) -> None:
         "final_val_loss": None,
         "divergences": 1,  # the drift; the checkpoint event is not a detection
         "first_divergence_step": 6,
+        "record_only_detections": 0,
     }
     assert any("skipped 1 line" in note for note in run.notes)
     assert any("no summary.json" in note for note in run.notes)

@@ -45,6 +45,7 @@ EXPECTED_RUNS = {
     "cpu_decay_forms_base": 1,
     "cpu_decay_forms": 10,
     "flash_pilot": 18,
+    "flash_pilot_lr3e2": 4,
     "heal_cases": 4,
 }
 PROXY_BUDGET_MIN = 60

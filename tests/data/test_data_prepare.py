@@ -314,6 +314,33 @@ def test_a_non_utf8_jsonl_line_is_a_one_line_error(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+def test_ctrl_c_outside_the_pool_leaves_no_exception_ignored_traceback(monkeypatch, capsys):
+    """The race behind test_ctrl_c_during_tokenizing's rare traceback, made certain: Ctrl-C
+    strikes while the pool's result generator is suspended, and closing it later times out."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    def interrupted_outside_the_pool(argv):
+        def results():  # as datasets' iflatmap_unordered: its cleanup waits on the workers
+            try:
+                yield 1
+                yield 2
+            finally:
+                raise TimeoutError
+
+        pending = results()
+        next(pending)
+        os.kill(os.getpid(), signal.SIGINT)  # the handler raises KeyboardInterrupt here
+        return next(pending)
+
+    monkeypatch.setattr("data.prepare._main", interrupted_outside_the_pool)
+    assert main([]) == 130
+    assert unraisable == [] and sys.unraisablehook == unraisable.append
+    assert capsys.readouterr().err == (
+        "error: interrupted; nothing was written: run the same command again\n"
+    )
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_tokenizing_is_one_line_and_exit_130(tmp_path: Path) -> None:
     """issue 22: Ctrl-C with two tokenizer processes used to end in ~50 lines ending in the pool's

@@ -219,8 +219,13 @@ def _computed_summary(
     """What summary.json would say, from the other files (status cannot be known)."""
     train_steps = sorted(metrics)
     detections = [e for e in events if e.get("kind") in DETECTION_KINDS and _step(e) is not None]
-    # a record-only detection (a grad-norm spike the loss did not follow) is no divergence
-    detection_steps = [_step(e) for e in detections if e.get("actionable", True)]
+    # a record-only detection (a grad-norm spike the loss did not follow) is no divergence; a
+    # loss that followed one began at it (as monitor.detectors.began_at, which sits above study)
+    detection_steps = [
+        int((e.get("facts") or {}).get("grad_norm_step", _step(e)))
+        for e in detections
+        if e.get("actionable", True)
+    ]
     loss_steps = [s for s in train_steps if "loss" in metrics[s]]
     return {
         "status": "unknown",

@@ -101,6 +101,10 @@ def test_a_record_only_detection_is_counted_apart_from_the_divergences(tmp_path:
     summary = run.summary
     assert (summary["divergences"], summary["first_divergence_step"]) == (1, 6)
     assert summary["record_only_detections"] == 1
+    # a loss that followed the grad-norm spike: the divergence began at the spike
+    follows = event(6, "spike", facts={"grad_norm_step": 4})
+    run = load_run(write_run(tmp_path, "f", config_with(), lines, [quiet, follows]))
+    assert (run.summary["divergences"], run.summary["first_divergence_step"]) == (1, 4)
 
 
 def test_truncated_last_line_and_missing_summary(sweep_dir: Path) -> None:
